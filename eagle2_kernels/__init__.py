@@ -1,0 +1,26 @@
+"""eagle2_kernels: fused kernels for EAGLE-2 speculative decoding with dynamic draft trees.
+
+Public ops (batched, leading dim B >= 1; indices int32, scores float32):
+  frontier_expand  one depth of tree expansion (log-softmax, top-k, cumulative score, frontier)
+  rerank           keep the best m-1 candidates and build the tree (mask bits, positions, paths)
+  tree_attention   attention to a cached prefix plus a tree-masked block (GQA, ragged prefixes)
+  tree_verify      greedy or lossless sampling acceptance of a tree against target logits
+  kv_compact       move accepted tree entries of a KV cache into place
+
+Each op validates its arguments (ValueError naming the argument), then dispatches by device
+to the fastest available backend, or to the one named by `backend=`. `backends()` says what
+this installation can run. `eagle2_kernels.reference` holds the PyTorch specification.
+"""
+from ._backend import backends
+from .ops.frontier_expand import frontier_expand
+from .ops.kv_compact import kv_compact
+from .ops.rerank import rerank
+from .ops.tree_attention import tree_attention
+from .ops.tree_verify import tree_verify
+from .reference import FrontierExpansion, Tree, VerifyResult
+
+__all__ = [
+    "FrontierExpansion", "Tree", "VerifyResult", "backends", "frontier_expand", "kv_compact",
+    "rerank", "tree_attention", "tree_verify",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""Public ops: validate, pick a backend, dispatch. One module per op."""

@@ -1,0 +1,67 @@
+from __future__ import annotations
+
+import torch
+
+from .. import _backend, _validate as check, reference
+from ..reference import FrontierExpansion
+
+DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+def frontier_expand(
+    logits: torch.Tensor,
+    parent_scores: torch.Tensor,
+    k: int,
+    *,
+    out: FrontierExpansion | None = None,
+    backend: str | None = None,
+) -> FrontierExpansion:
+    """One depth of EAGLE-2 tree expansion, fused: log-softmax, per-row top-k, cumulative
+    score, and the global top-k that becomes the next frontier.
+
+    Args:
+        logits: [B, K, V] float32/float16/bfloat16, the draft's logits for the K frontier nodes.
+        parent_scores: [B, K] float32, the frontier nodes' cumulative log-probabilities
+            (-inf marks an unused row; NaN is read as -inf).
+        k: children per node and size of the next frontier, 1 <= k <= V.
+        out: optional preallocated FrontierExpansion (shapes and dtypes as returned).
+        backend: None (fastest available) or one of 'reference', 'cpu', 'cuda', 'triton'.
+
+    Returns:
+        FrontierExpansion(child_tokens [B, K, k] int32, child_scores [B, K, k] float32,
+        frontier_index [B, k] int32 into the K*k children (parent row = index // k),
+        frontier_scores [B, k] float32), best first; ties go to the lower index.
+    """
+    check.tensor("logits", logits, dtypes=check.FLOATS, shape=(None, None, None))
+    B, K, V = logits.shape
+    dev = logits.device
+    check.tensor("parent_scores", parent_scores, dtypes=check.SCORE, shape=(B, K), device=dev)
+    check.integer("k", k, 1, V)
+    if B == 0 or K == 0:
+        check.fail("logits", "B >= 1 and K >= 1", tuple(logits.shape))
+    like = {
+        "child_tokens": ((B, K, k), torch.int32, dev),
+        "child_scores": ((B, K, k), torch.float32, dev),
+        "frontier_index": ((B, k), torch.int32, dev),
+        "frontier_scores": ((B, k), torch.float32, dev),
+    }
+    if out is None:
+        out = FrontierExpansion(*(torch.empty(s, dtype=t, device=d) for s, t, d in like.values()))
+    else:
+        check.out_tensors("out", out, like)
+
+    name = _backend.resolve("frontier_expand", dev, backend, ("reference", "cpu", "cuda", "triton"))
+    if name == "reference":
+        for o, r in zip(out, reference.frontier_expand(logits, parent_scores, k)):
+            o.copy_(r)
+    elif name == "triton":
+        from ..triton.frontier_expand import frontier_expand_triton
+
+        frontier_expand_triton(logits, parent_scores, k, out)
+    else:
+        _backend.native(name).frontier_expand(
+            logits.data_ptr(), DTYPE_CODE[logits.dtype], parent_scores.data_ptr(), B, K, V, k,
+            out.child_tokens.data_ptr(), out.child_scores.data_ptr(),
+            out.frontier_index.data_ptr(), out.frontier_scores.data_ptr(), _backend.stream_of(logits),
+        )
+    return out

@@ -1,0 +1,71 @@
+from __future__ import annotations
+
+import torch
+
+from .. import _backend, _validate as check, reference
+from .frontier_expand import DTYPE_CODE
+
+
+def tree_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    tree_mask_bits: torch.Tensor,
+    prefix_len: torch.Tensor,
+    scale: float | None = None,
+    *,
+    out: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Attention of n tree queries to each row's cached prefix plus the tree (GQA, ragged).
+
+    Args:
+        q: [B, Hq, n, d] float32/float16/bfloat16.
+        k_cache, v_cache: [B, Hkv, S, d], q's dtype, Hq % Hkv == 0 (query head h reads KV
+            head h // (Hq // Hkv)). Keys 0..prefix_len[b]-1 are the prefix; the tree's keys
+            follow at prefix_len[b] + j.
+        tree_mask_bits: [B, n, W] int32; query i sees tree key j iff bit j % 32 of word
+            j // 32 is set (rerank's mask_bits for a verify step). Keys at or past S are never
+            read, so prefix_len[b] + 32 * W may exceed S when the trailing bits are zero.
+        prefix_len: [B] int32, ragged across the batch.
+        scale: softmax scale, default d ** -0.5.
+        out: optional preallocated [B, Hq, n, d] output in q's dtype; backend: as for every op.
+
+    Returns [B, Hq, n, d] in q's dtype (float32 accumulation). A query that sees no key
+    gets zeros.
+    """
+    check.tensor("q", q, dtypes=check.FLOATS, shape=(None, None, None, None))
+    B, Hq, n, d = q.shape
+    dev = q.device
+    check.tensor("k_cache", k_cache, dtypes=(q.dtype,), shape=(B, None, None, d), device=dev)
+    Hkv, S = k_cache.shape[1], k_cache.shape[2]
+    check.tensor("v_cache", v_cache, dtypes=(q.dtype,), shape=(B, Hkv, S, d), device=dev)
+    if Hkv == 0 or Hq % Hkv:
+        check.fail("k_cache", f"a KV head count dividing Hq = {Hq}", Hkv)
+    check.tensor("tree_mask_bits", tree_mask_bits, dtypes=check.INDEX, shape=(B, n, None), device=dev)
+    W = tree_mask_bits.shape[2]
+    check.tensor("prefix_len", prefix_len, dtypes=check.INDEX, shape=(B,), device=dev)
+    if B == 0 or d == 0:
+        check.fail("q", "B >= 1 and d >= 1", tuple(q.shape))
+    scale = d**-0.5 if scale is None else check.real("scale", scale, 0.0, float("inf"), lo_open=True)
+    if dev.type == "cpu" and bool(((prefix_len < 0) | (prefix_len > S)).any()):
+        check.fail("prefix_len", f"values in [0, {S}] (the cache length)", prefix_len.tolist())
+    if out is None:
+        out = torch.empty_like(q)
+    else:
+        check.tensor("out", out, dtypes=(q.dtype,), shape=(B, Hq, n, d), device=dev)
+
+    name = _backend.resolve("tree_attention", dev, backend, ("reference", "cpu", "cuda", "triton"))
+    if name == "reference":
+        out.copy_(reference.tree_attention(q, k_cache, v_cache, tree_mask_bits, prefix_len, scale))
+    elif name == "triton":
+        from ..triton.tree_attention import tree_attention_triton
+
+        tree_attention_triton(q, k_cache, v_cache, tree_mask_bits, prefix_len, scale, out)
+    else:
+        _backend.native(name).tree_attention(
+            q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), DTYPE_CODE[q.dtype],
+            tree_mask_bits.data_ptr(), prefix_len.data_ptr(), B, Hq, Hkv, n, S, d, W, scale,
+            out.data_ptr(), _backend.stream_of(q),
+        )
+    return out

@@ -1,0 +1,99 @@
+from __future__ import annotations
+
+import torch
+
+from .. import _backend, _validate as check, reference
+from ..reference import VerifyResult
+from .frontier_expand import DTYPE_CODE
+
+
+def tree_verify(
+    tokens: torch.Tensor,
+    parents: torch.Tensor,
+    target_logits: torch.Tensor,
+    *,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    uniforms: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    max_depth: int | None = None,
+    out: VerifyResult | None = None,
+    backend: str | None = None,
+) -> VerifyResult:
+    """Accept the longest valid path of a draft tree given the target's logits at every node.
+
+    Args:
+        tokens, parents: [B, m] int32, a tree in topological order (node 0 = root,
+            parents[i] < i), e.g. `rerank(...).tokens / .parents`.
+        target_logits: [B, m, V] float32/float16/bfloat16, the target's logits at each node.
+        temperature: 0 = greedy (the output equals plain greedy decoding); > 0 = sampling from
+            the target's distribution after temperature, then top_k (0 = off), then top_p.
+        uniforms: [B, m] float32 in [0, 1) for sampling: uniforms[b, c] decides node c,
+            uniforms[b, 0] draws the bonus token. Drawn with `generator` when omitted.
+        max_depth: longest accepted path minus one (width of `accepted`); default m - 1.
+        out: optional preallocated VerifyResult; backend: as for every op.
+
+    Sampling is multi-draft recursive rejection with a deterministic draft: children are tried
+    in node order, child x is accepted with probability p(x) / (remaining mass); a rejected
+    token's mass is removed; when all children are rejected the bonus is drawn from the
+    residual. The committed tokens are distributed exactly as plain sampling from the target.
+
+    Returns:
+        VerifyResult(accepted [B, L] int32 node indices from the root, -1 padded;
+        accept_len [B] int32 accepted nodes including the root = tokens committed including
+        the bonus; bonus [B] int32).
+    """
+    check.tensor("tokens", tokens, dtypes=check.INDEX, shape=(None, None))
+    B, m = tokens.shape
+    dev = tokens.device
+    check.tensor("parents", parents, dtypes=check.INDEX, shape=(B, m), device=dev)
+    check.tensor("target_logits", target_logits, dtypes=check.FLOATS, shape=(B, m, None), device=dev)
+    V = target_logits.shape[2]
+    if B == 0 or m == 0 or V == 0:
+        check.fail("target_logits", "B, m, V >= 1", tuple(target_logits.shape))
+    temperature = check.real("temperature", temperature, 0.0, float("inf"))
+    top_p = check.real("top_p", top_p, 0.0, 1.0, lo_open=True)
+    top_k = check.integer("top_k", top_k, 0)
+    L = (m - 1 if max_depth is None else check.integer("max_depth", max_depth, 0)) + 1
+    if dev.type == "cpu":
+        idx = torch.arange(m, dtype=torch.int32)
+        bad = ((parents < -1) | (parents >= idx))[:, 1:]
+        if bool(bad.any()) or bool((parents[:, 0] != -1).any()):
+            check.fail("parents", "parents[:, 0] == -1 and -1 <= parents[b, i] < i", parents.tolist())
+        if bool(((tokens < 0) | (tokens >= V)).any()):
+            check.fail("tokens", f"token ids in [0, {V})", tokens.tolist())
+    sampling = temperature > 0.0
+    if sampling:
+        if uniforms is None:
+            uniforms = torch.rand((B, m), generator=generator, device=dev)
+        check.tensor("uniforms", uniforms, dtypes=check.SCORE, shape=(B, m), device=dev)
+    like = {
+        "accepted": ((B, L), torch.int32, dev),
+        "accept_len": ((B,), torch.int32, dev),
+        "bonus": ((B,), torch.int32, dev),
+    }
+    if out is None:
+        out = VerifyResult(*(torch.empty(s, dtype=t, device=d) for s, t, d in like.values()))
+    else:
+        check.out_tensors("out", out, like)
+
+    name = _backend.resolve("tree_verify", dev, backend, ("reference", "cpu", "cuda", "triton"))
+    if name == "reference":
+        res = reference.tree_verify(tokens, parents, target_logits, temperature, top_p, top_k, uniforms, L - 1)
+        for o, r in zip(out, res):
+            o.copy_(r)
+    elif name == "triton":
+        from ..triton.tree_verify import tree_verify_triton
+
+        tree_verify_triton(tokens, parents, target_logits, temperature, top_p, top_k, uniforms, out)
+    else:
+        # Sampling keeps each row's residual distribution in a [B, V] float32 workspace.
+        workspace = torch.empty((B, V) if sampling else (1,), dtype=torch.float32, device=dev)
+        _backend.native(name).tree_verify(
+            tokens.data_ptr(), parents.data_ptr(), target_logits.data_ptr(), DTYPE_CODE[target_logits.dtype],
+            B, m, V, L, temperature, top_p, top_k, uniforms.data_ptr() if sampling else 0,
+            workspace.data_ptr(), out.accepted.data_ptr(), out.accept_len.data_ptr(), out.bonus.data_ptr(),
+            _backend.stream_of(tokens),
+        )
+    return out
