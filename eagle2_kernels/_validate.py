@@ -7,6 +7,8 @@ import torch
 INDEX = (torch.int32,)
 SCORE = (torch.float32,)
 FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+# float64 is accepted by the ops but only runs on the reference backend (exact decode-loop tests).
+FLOATS_OR_F64 = FLOATS + (torch.float64,)
 
 
 def fail(name: str, expected: str, got) -> None:
@@ -58,3 +60,12 @@ def out_tensors(name: str, out, like: dict[str, tuple]) -> None:
 
 def _fmt(shape) -> str:
     return "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
+
+
+def f64_backend(name: str, t: torch.Tensor, backend: str | None) -> str | None:
+    """float64 inputs run on the reference backend only: choose it, or refuse another."""
+    if t.dtype != torch.float64:
+        return backend
+    if backend not in (None, "reference"):
+        fail("backend", f"'reference' or None for float64 {name}", repr(backend))
+    return "reference"

@@ -80,9 +80,15 @@ class VerifyResult(NamedTuple):
     bonus: torch.Tensor
 
 
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for the kernel dtypes; float64 stays float64 (reference-only, for exact tests)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def sanitize(x: torch.Tensor) -> torch.Tensor:
-    """float32 copy of x with NaN -> -inf and +inf -> the largest float32 (-inf stays)."""
-    return torch.nan_to_num(x.float(), nan=NEG_INF, posinf=FLOAT32_MAX, neginf=NEG_INF)
+    """float32 copy of x (float64 stays float64) with NaN -> -inf and +inf -> the largest
+    float32 (-inf stays)."""
+    return torch.nan_to_num(x.to(compute_dtype(x.dtype)), nan=NEG_INF, posinf=FLOAT32_MAX, neginf=NEG_INF)
 
 
 def log_softmax(x: torch.Tensor) -> torch.Tensor:
@@ -115,7 +121,7 @@ def frontier_expand(logits: torch.Tensor, parent_scores: torch.Tensor, k: int) -
     x = sanitize(logits)
     logp = log_softmax(x)
     _, child_tokens = topk_desc(x, k)  # [B, K, k]; ranking by logit == ranking by logp
-    child_scores = sanitize(parent_scores)[..., None] + logp.gather(-1, child_tokens)
+    child_scores = sanitize(parent_scores)[..., None] + logp.gather(-1, child_tokens).float()
     frontier_scores, frontier_index = topk_desc(child_scores.reshape(B, K * k), k)
     return FrontierExpansion(
         child_tokens.int(), child_scores, frontier_index.int(), frontier_scores.contiguous()
@@ -256,15 +262,16 @@ def tree_attention(
 
     q [B, Hq, n, d]; k_cache, v_cache [B, Hkv, S, d] (Hq % Hkv == 0; query head h reads KV head
     h // (Hq // Hkv)); tree_mask_bits [B, n, W] int32; prefix_len [B] int32, ragged across the
-    batch. Visibility is `tree_mask_visible`. Softmax in float32; the output [B, Hq, n, d] has
-    q's dtype. A query that sees no key gets zeros.
+    batch. Visibility is `tree_mask_visible`. Softmax in float32 (float64 for float64 inputs); the
+    output [B, Hq, n, d] has q's dtype. A query that sees no key gets zeros.
     """
     B, Hq, n, d = q.shape
     Hkv, S = k_cache.shape[1], k_cache.shape[2]
     group = Hq // Hkv
-    k = k_cache.float().repeat_interleave(group, dim=1)
-    v = v_cache.float().repeat_interleave(group, dim=1)
-    scores = torch.matmul(q.float(), k.transpose(-1, -2)) * scale  # [B, Hq, n, S]
+    acc = compute_dtype(q.dtype)
+    k = k_cache.to(acc).repeat_interleave(group, dim=1)
+    v = v_cache.to(acc).repeat_interleave(group, dim=1)
+    scores = torch.matmul(q.to(acc), k.transpose(-1, -2)) * scale  # [B, Hq, n, S]
     visible = tree_mask_visible(tree_mask_bits, prefix_len, S)[:, None]  # [B, 1, n, S]
     scores = scores.masked_fill(~visible, NEG_INF)
     probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # fully masked rows -> zeros

@@ -20,7 +20,7 @@ def frontier_expand(
     score, and the global top-k that becomes the next frontier.
 
     Args:
-        logits: [B, K, V] float32/float16/bfloat16, the draft's logits for the K frontier nodes.
+        logits: [B, K, V] float32/float16/bfloat16 (float64: reference backend only), the draft's logits for the K frontier nodes.
         parent_scores: [B, K] float32, the frontier nodes' cumulative log-probabilities
             (-inf marks an unused row; NaN is read as -inf).
         k: children per node and size of the next frontier, 1 <= k <= V.
@@ -32,7 +32,7 @@ def frontier_expand(
         frontier_index [B, k] int32 into the K*k children (parent row = index // k),
         frontier_scores [B, k] float32), best first; ties go to the lower index.
     """
-    check.tensor("logits", logits, dtypes=check.FLOATS, shape=(None, None, None))
+    check.tensor("logits", logits, dtypes=check.FLOATS_OR_F64, shape=(None, None, None))
     B, K, V = logits.shape
     dev = logits.device
     check.tensor("parent_scores", parent_scores, dtypes=check.SCORE, shape=(B, K), device=dev)
@@ -50,6 +50,7 @@ def frontier_expand(
     else:
         check.out_tensors("out", out, like)
 
+    backend = check.f64_backend("logits", logits, backend)
     name = _backend.resolve("frontier_expand", dev, backend, ("reference", "cpu", "cuda", "triton"))
     if name == "reference":
         for o, r in zip(out, reference.frontier_expand(logits, parent_scores, k)):

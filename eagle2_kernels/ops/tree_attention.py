@@ -34,7 +34,7 @@ def tree_attention(
     Returns [B, Hq, n, d] in q's dtype (float32 accumulation). A query that sees no key
     gets zeros.
     """
-    check.tensor("q", q, dtypes=check.FLOATS, shape=(None, None, None, None))
+    check.tensor("q", q, dtypes=check.FLOATS_OR_F64, shape=(None, None, None, None))
     B, Hq, n, d = q.shape
     dev = q.device
     check.tensor("k_cache", k_cache, dtypes=(q.dtype,), shape=(B, None, None, d), device=dev)
@@ -55,6 +55,7 @@ def tree_attention(
     else:
         check.tensor("out", out, dtypes=(q.dtype,), shape=(B, Hq, n, d), device=dev)
 
+    backend = check.f64_backend("q", q, backend)
     name = _backend.resolve("tree_attention", dev, backend, ("reference", "cpu", "cuda", "triton"))
     if name == "reference":
         out.copy_(reference.tree_attention(q, k_cache, v_cache, tree_mask_bits, prefix_len, scale))

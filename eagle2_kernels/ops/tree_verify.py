@@ -48,7 +48,7 @@ def tree_verify(
     B, m = tokens.shape
     dev = tokens.device
     check.tensor("parents", parents, dtypes=check.INDEX, shape=(B, m), device=dev)
-    check.tensor("target_logits", target_logits, dtypes=check.FLOATS, shape=(B, m, None), device=dev)
+    check.tensor("target_logits", target_logits, dtypes=check.FLOATS_OR_F64, shape=(B, m, None), device=dev)
     V = target_logits.shape[2]
     if B == 0 or m == 0 or V == 0:
         check.fail("target_logits", "B, m, V >= 1", tuple(target_logits.shape))
@@ -78,6 +78,7 @@ def tree_verify(
     else:
         check.out_tensors("out", out, like)
 
+    backend = check.f64_backend("target_logits", target_logits, backend)
     name = _backend.resolve("tree_verify", dev, backend, ("reference", "cpu", "cuda", "triton"))
     if name == "reference":
         res = reference.tree_verify(tokens, parents, target_logits, temperature, top_p, top_k, uniforms, L - 1)
