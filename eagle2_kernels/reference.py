@@ -281,12 +281,12 @@ def tree_attention(
 def sampling_probs(logits: torch.Tensor, temperature: float, top_p: float = 1.0, top_k: int = 0) -> torch.Tensor:
     """The target's sampling distribution over the last dim (float32, sums to 1).
 
-    softmax(sanitize(logits) / temperature); then top_k > 0 keeps the top_k tokens (ties: lower
+    softmax(sanitize(sanitize(logits) / temperature)); then top_k > 0 keeps the top_k tokens (ties: lower
     id); then top_p < 1 keeps, in descending probability order (ties: lower id), each token
     whose preceding mass is < top_p (so at least one); renormalised after each step. A row
     with no finite logit is the point mass on token 0.
     """
-    x = sanitize(logits) / temperature
+    x = sanitize(sanitize(logits) / temperature)  # re-clamp: FLOAT32_MAX / t overflows when t < 1
     dead = (x == NEG_INF).all(dim=-1, keepdim=True)
     x = torch.where(dead, torch.zeros_like(x), x)
     V = x.shape[-1]

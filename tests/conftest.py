@@ -25,3 +25,11 @@ settings.register_profile(
 )
 settings.register_profile("thorough", parent=settings.get_profile("ci"), max_examples=300)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+def pytest_report_header(config):
+    """Which eagle2_kernels is under test (installed vs source tree) and what it can run."""
+    import eagle2_kernels
+
+    status = ", ".join(f"{k}: {v}" for k, v in eagle2_kernels.backends().items())
+    return [f"eagle2_kernels: {eagle2_kernels.__file__}", f"backends: {status}"]

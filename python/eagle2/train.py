@@ -1,0 +1,375 @@
+"""EAGLE-1/2 draft-head training (`eagle2 train`), and the training CLI (`train-data`, `train`).
+
+For a conversation t_0..t_{n-1} with target features f_0..f_{n-1} (the target's final-normed
+last hidden states), the head reads (f_j + noise, t_{j+1}) at position j + 1 and is trained to
+predict f_{j+1}:
+
+    loss = SmoothL1(f'_j, f_{j+1}) + ce_weight * CE(softmax(lm_head f_{j+1}), log_softmax(lm_head f'_j))
+
+on the answer tokens only (position j + 1 in the answer; soft targets: the target's whole
+distribution). The input features get uniform noise, as in EAGLE, so the head tolerates its own
+imperfect predictions when it drafts several levels deep. The target features and argmax
+tokens are computed once, in float32 with torch.no_grad, and cached next to the data
+(`features/`), so epochs cost only the head.
+
+--draft-vocab N gives the head a reduced vocabulary (EAGLE-3 style): the N tokens it may
+propose are the target tokens most frequent in the training answers (then, for unseen ones,
+the lowest ids: BPE merge order approximates corpus frequency), stored as the `d2t` buffer.
+Its lm_head is then N rows of the target's: on a small target the full-vocabulary lm_head
+dominates the draft's cost. The CE then runs over those N tokens (positions whose target
+argmax lies outside them are left out of it).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from eagle2 import data as data_mod
+from eagle2.data import Conversation, load_shards
+from eagle2.draft import DraftHead
+from eagle2.model import load_target
+
+
+def _log(msg: str) -> None:
+    print(f"[train] {msg}", file=sys.stderr, flush=True)
+
+
+def _fmt_s(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class Sequence:
+    """A conversation with its cached target features [n, h] and target argmax tokens [n]."""
+
+    def __init__(self, conv: Conversation, features: torch.Tensor, argmax: torch.Tensor):
+        self.input_ids, self.loss_mask, self.features, self.argmax = conv.input_ids, conv.loss_mask, features, argmax
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+@torch.no_grad()
+def target_features(target, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Final-normed last hidden states [B, T, h] and argmax tokens [B, T] of the target.
+
+    Right padding is harmless here: causal attention never lets a real token see a later pad.
+    """
+    hidden = target.get_decoder()(input_ids=input_ids, use_cache=False).last_hidden_state
+    return hidden, target.get_output_embeddings()(hidden).argmax(-1)
+
+
+def cache_features(target, conversations: list[Conversation], cache_dir: Path, target_tag: str,
+                   max_len: int, tokens_per_batch: int = 4096) -> list[Sequence]:
+    """Target features for every conversation, computed once and cached in `cache_dir`
+    (float16 features + int32 argmax per chunk of conversations; resumable)."""
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    meta_path = cache_dir / "meta.json"
+    meta = {"target": target_tag, "max_len": max_len, "tokens_per_batch": tokens_per_batch}
+    if meta_path.exists() and json.loads(meta_path.read_text()) != meta:
+        raise ValueError(f"{cache_dir} caches features of another target or setting "
+                         f"({meta_path.read_text().strip()}); delete it or pass another --feature-cache")
+    meta_path.write_text(json.dumps(meta) + "\n")
+    convs = [Conversation(c.input_ids[:max_len], c.loss_mask[:max_len]) for c in conversations]
+    chunk = 256  # conversations per cache file
+    out, start, done_tokens = [], time.time(), 0
+    total_tokens = sum(len(c.input_ids) for c in convs)
+    for c0 in range(0, len(convs), chunk):
+        part = convs[c0:c0 + chunk]
+        path = cache_dir / f"chunk-{c0 // chunk:05d}.safetensors"
+        lengths = torch.tensor([len(c.input_ids) for c in part])
+        if path.exists():
+            t = load_file(str(path))
+            if not torch.equal(t["lengths"], lengths):
+                raise ValueError(f"{path} does not match the data (the data changed?): delete {cache_dir}")
+            feats, argmax = t["features"], t["argmax"]
+        else:
+            feats, argmax = _features_of(target, part, tokens_per_batch)
+            save_file({"features": feats, "argmax": argmax, "lengths": lengths}, str(path.with_suffix(".tmp")))
+            os.replace(path.with_suffix(".tmp"), path)
+            done_tokens += int(lengths.sum())
+            rate = done_tokens / (time.time() - start)
+            left = total_tokens - sum(len(c.input_ids) for c in convs[:c0 + chunk])
+            _log(f"features: {c0 + len(part)}/{len(convs)} conversations ({rate:.0f} tokens/s, ETA {_fmt_s(left / rate)})")
+        offsets = [0] + lengths.cumsum(0).tolist()
+        out += [Sequence(c, feats[a:b], argmax[a:b]) for c, a, b in zip(part, offsets[:-1], offsets[1:])]
+    return out
+
+
+def _features_of(target, convs: list[Conversation], tokens_per_batch: int):
+    """Concatenated float16 features [sum n, h] and int32 argmax [sum n] of `convs`, in order."""
+    order = sorted(range(len(convs)), key=lambda i: len(convs[i].input_ids))
+    feats, argmax = [None] * len(convs), [None] * len(convs)
+    for batch in _length_batches(order, [len(c.input_ids) for c in convs], tokens_per_batch):
+        width = max(len(convs[i].input_ids) for i in batch)
+        ids = torch.zeros(len(batch), width, dtype=torch.long)
+        for r, i in enumerate(batch):
+            ids[r, :len(convs[i].input_ids)] = convs[i].input_ids
+        h, a = target_features(target, ids.to(target.device))
+        for r, i in enumerate(batch):
+            n = len(convs[i].input_ids)
+            feats[i], argmax[i] = h[r, :n].half().cpu(), a[r, :n].int().cpu()
+    return torch.cat(feats), torch.cat(argmax)
+
+
+def _length_batches(order: list[int], lengths: list[int], tokens_per_batch: int) -> list[list[int]]:
+    """Consecutive runs of `order` whose padded size (count x longest) stays within the budget."""
+    batches, cur, width = [], [], 0
+    for i in order:
+        w = max(width, lengths[i])
+        if cur and w * (len(cur) + 1) > tokens_per_batch:
+            batches.append(cur)
+            cur, w = [], lengths[i]
+        cur.append(i)
+        width = w
+    if cur:
+        batches.append(cur)
+    return batches
+
+
+def draft_vocab(sequences: list[Sequence], size: int, vocab_size: int, keep: set[int]) -> torch.Tensor:
+    """d2t: the `size` target tokens most frequent in the answers (ties and unseen tokens by
+    lowest id, i.e. BPE merge order), plus `keep` (e.g. EOS), sorted by id."""
+    if not 0 < size <= vocab_size:
+        raise ValueError(f"--draft-vocab must be in [1, {vocab_size}], got {size}")
+    counts = torch.zeros(vocab_size, dtype=torch.long)
+    for s in sequences:
+        counts += torch.bincount(s.input_ids[s.loss_mask], minlength=vocab_size)
+    for t in keep:
+        counts[t] = counts.max() + 1
+    # Stable sort on -count keeps equal counts in id order.
+    ranked = torch.sort(-counts, stable=True).indices
+    return ranked[:size].sort().values
+
+
+def _batch(seqs: list[Sequence], device) -> dict[str, torch.Tensor]:
+    """Right-padded tensors of a list of sequences (pads have mask False)."""
+    width = max(len(s) for s in seqs)
+    h = seqs[0].features.shape[-1]
+    b = {"features": torch.zeros(len(seqs), width, h), "tokens": torch.zeros(len(seqs), width, dtype=torch.long),
+         "argmax": torch.zeros(len(seqs), width, dtype=torch.long), "mask": torch.zeros(len(seqs), width, dtype=torch.bool)}
+    for r, s in enumerate(seqs):
+        n = len(s)
+        b["features"][r, :n] = s.features.float()
+        b["tokens"][r, :n] = s.input_ids
+        b["argmax"][r, :n] = s.argmax.long()
+        b["mask"][r, :n] = s.loss_mask
+    return {k: v.to(device) for k, v in b.items()}
+
+
+def head_loss(head: DraftHead, batch: dict[str, torch.Tensor], noise: float, ce_weight: float,
+              in_draft_vocab: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """The EAGLE training loss of one batch (see the module doc) and its statistics
+    (feature loss, CE, top-1 accuracy against the target argmax, counted positions)."""
+    feats, tokens, mask = batch["features"], batch["tokens"], batch["mask"]
+    f_in, f_next = feats[:, :-1], feats[:, 1:]
+    if noise:
+        f_in = f_in + (torch.rand_like(f_in) - 0.5) * noise
+    pos = torch.arange(1, feats.shape[1], device=feats.device).expand(feats.shape[0], -1)
+    pred = head(f_in, tokens[:, 1:], pos)
+    sel = mask[:, 1:]  # f_{j+1} is an answer position
+    n = int(sel.sum())
+    if n == 0:
+        raise ValueError("a training batch has no answer tokens")
+    pred_s, next_s, top1 = pred[sel], f_next[sel], batch["argmax"][:, 1:][sel]
+    vloss = F.smooth_l1_loss(pred_s, next_s)
+    logq = torch.log_softmax(head.logits(pred_s).float(), -1)
+    with torch.no_grad():
+        p = torch.softmax(head.logits(next_s).float(), -1)
+    ce_rows = -(p * logq).sum(-1)
+    ce_keep = in_draft_vocab[top1] if in_draft_vocab is not None else torch.ones_like(top1, dtype=torch.bool)
+    ce = ce_rows[ce_keep].mean() if ce_keep.any() else ce_rows.sum() * 0
+    loss = vloss + ce_weight * ce
+    correct = head.to_target_ids(logq.argmax(-1)) == top1
+    return loss, {"vloss": float(vloss.detach()), "ce": float(ce.detach()), "acc": float(correct.float().mean()), "n": n}
+
+
+def _epoch_batches(seqs: list[Sequence], tokens_per_batch: int, seed: int, epoch: int) -> list[list[int]]:
+    """Length-bucketed batches, shuffled per epoch (the same order again on resume)."""
+    rng = random.Random(seed * 7919 + epoch)
+    order = sorted(range(len(seqs)), key=lambda i: (len(seqs[i]), rng.random()))
+    batches = _length_batches(order, [len(s) for s in seqs], tokens_per_batch)
+    rng.shuffle(batches)
+    return batches
+
+
+@torch.no_grad()
+def evaluate(head: DraftHead, seqs: list[Sequence], tokens_per_batch: int, ce_weight: float,
+             in_draft_vocab: torch.Tensor | None, device) -> dict[str, float]:
+    """Teacher-forced loss and top-1 accuracy on held-out sequences (no noise)."""
+    tot = {"vloss": 0.0, "ce": 0.0, "acc": 0.0, "n": 0}
+    for batch in _length_batches(list(range(len(seqs))), [len(s) for s in seqs], tokens_per_batch):
+        _, st = head_loss(head, _batch([seqs[i] for i in batch], device), 0.0, ce_weight, in_draft_vocab)
+        for k in ("vloss", "ce", "acc"):
+            tot[k] += st[k] * st["n"]
+        tot["n"] += st["n"]
+    return {k: (v / tot["n"] if k != "n" else v) for k, v in tot.items()}
+
+
+def lr_at(step: int, total: int, warmup: int, lr: float) -> float:
+    """Linear warm-up, then cosine decay to 10% of lr."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+@dataclass
+class TrainResult:
+    """The trained head (float32, attached to the target) and held-out metrics before the
+    first step of this run and after its last one (empty without held-out data)."""
+
+    head: DraftHead
+    eval_start: dict[str, float]
+    eval_end: dict[str, float]
+
+
+def train(args: argparse.Namespace) -> TrainResult:
+    """`eagle2 train`: train (or resume training) a draft head, see the module doc."""
+    torch.manual_seed(args.seed)
+    out = Path(args.out)
+    ckpt = out / "checkpoint"
+    device = torch.device(args.device)
+    target, _ = load_target(args.target, dtype=torch.float32, device=device)
+    target.requires_grad_(False)
+    conversations = load_shards(args.data)
+    cache = Path(args.feature_cache) if args.feature_cache else Path(args.data) / "features"
+    seqs = cache_features(target, conversations, cache, str(args.target or "default"), args.max_len)
+    n_eval = max(1, round(len(seqs) * args.eval_fraction)) if len(seqs) > 1 else 0
+    train_seqs, eval_seqs = seqs[:len(seqs) - n_eval], seqs[len(seqs) - n_eval:]
+    n_tokens = sum(int(s.loss_mask.sum()) for s in train_seqs)
+    _log(f"{len(train_seqs)} training conversations ({sum(map(len, train_seqs))} tokens, {n_tokens} answer "
+         f"tokens), {len(eval_seqs)} held out")
+
+    state = torch.load(ckpt / "state.pt", weights_only=False) if (ckpt / "state.pt").exists() else None
+    if state is not None:
+        head = DraftHead.from_pretrained(ckpt, dtype=torch.float32, device=device).attach(target)
+        _log(f"resuming from {ckpt} at step {state['step']}")
+    else:
+        d2t = None
+        if args.draft_vocab:
+            eos = {t for t in [target.generation_config.eos_token_id, target.config.eos_token_id]
+                   if isinstance(t, int)}
+            d2t = draft_vocab(train_seqs, args.draft_vocab, target.config.vocab_size, eos)
+        head = DraftHead.for_target(target, init_from_last_layer=not args.random_init, d2t=d2t)
+    head.train()
+    in_vocab = None
+    if head.d2t is not None:
+        in_vocab = torch.zeros(target.config.vocab_size, dtype=torch.bool, device=device)
+        in_vocab[head.d2t] = True
+        cover = sum(int(in_vocab[s.input_ids[s.loss_mask].to(device)].sum()) for s in eval_seqs)
+        _log(f"draft vocabulary {len(head.d2t)}: covers {cover / max(1, sum(int(s.loss_mask.sum()) for s in eval_seqs)):.1%} "
+             "of the held-out answer tokens")
+
+    params = [p for p in head.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
+    batches_per_epoch = len(_epoch_batches(train_seqs, args.tokens_per_batch, args.seed, 0))
+    total = args.steps or batches_per_epoch * args.epochs
+    step = 0
+    if state is not None:
+        opt.load_state_dict(state["optimizer"])
+        step = state["step"]
+        torch.set_rng_state(state["rng"])
+    _log(f"{total} steps ({batches_per_epoch} per epoch), lr {args.lr}, warm-up {args.warmup}")
+
+    def save(final: bool) -> None:
+        head.save_pretrained(ckpt)
+        torch.save({"step": step, "optimizer": opt.state_dict(), "rng": torch.get_rng_state(), "args": vars(args)},
+                   ckpt / "state.tmp")
+        os.replace(ckpt / "state.tmp", ckpt / "state.pt")
+        if final:
+            head.save_pretrained(out, dtype=getattr(torch, args.save_dtype))
+
+    def run_eval() -> dict[str, float]:
+        if not eval_seqs:
+            return {}
+        head.eval()
+        ev = evaluate(head, eval_seqs, args.tokens_per_batch, args.ce_weight, in_vocab, device)
+        head.train()
+        _log(f"step {step} eval: top-1 {ev['acc']:.3f}  vloss {ev['vloss']:.4f}  ce {ev['ce']:.3f}")
+        return ev
+
+    start, start_step, window, epoch_batches = time.time(), step, [], (None, None)
+    result = TrainResult(head, run_eval(), {})
+    while step < total:
+        epoch, k = divmod(step, batches_per_epoch)
+        if epoch_batches[0] != epoch:
+            epoch_batches = (epoch, _epoch_batches(train_seqs, args.tokens_per_batch, args.seed, epoch))
+        batch_ids = epoch_batches[1][k]
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, total, args.warmup, args.lr)
+        loss, st = head_loss(head, _batch([train_seqs[i] for i in batch_ids], device), args.noise,
+                             args.ce_weight, in_vocab)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+        opt.step()
+        step += 1
+        window.append(st)
+        elapsed = time.time() - start
+        if step % args.log_every == 0 or step == total:
+            n = sum(s["n"] for s in window)
+            avg = {k: sum(s[k] * s["n"] for s in window) / n for k in ("vloss", "ce", "acc")}
+            eta = elapsed / (step - start_step) * (total - step)
+            _log(f"step {step}/{total} epoch {epoch}  vloss {avg['vloss']:.4f}  ce {avg['ce']:.3f}  top-1 {avg['acc']:.3f}"
+                 f"  lr {opt.param_groups[0]['lr']:.2e}  {elapsed / (step - start_step):.2f} s/step  ETA {_fmt_s(eta)}")
+            window = []
+        out_of_time = args.max_minutes is not None and elapsed > args.max_minutes * 60
+        if step % args.eval_every == 0 or step == total or out_of_time:
+            result.eval_end = run_eval()
+        if step % args.save_every == 0 or step == total or out_of_time:
+            save(final=step == total or out_of_time)
+        if out_of_time:
+            _log(f"stopping at step {step}: --max-minutes {args.max_minutes} reached (resume with the same command)")
+            break
+    _log(f"head saved to {out} ({args.save_dtype}); resumable state in {ckpt}")
+    head.eval()
+    return result
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    train(args)
+    return 0
+
+
+def add_cli(subparsers) -> None:
+    """Add the `train-data` and `train` subcommands to eagle2's CLI."""
+    data_mod.add_cli(subparsers)
+    p = subparsers.add_parser("train", help="train an EAGLE-1/2 draft head on `train-data` output",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True, help="a `eagle2 train-data` output folder")
+    p.add_argument("--out", required=True, help="output folder: the head (EAGLE layout) + checkpoint/ to resume")
+    p.add_argument("--target", help="target checkpoint folder (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--feature-cache", help="folder for the cached target features (default DATA/features)")
+    p.add_argument("--draft-vocab", type=int, help="reduced draft vocabulary size N (d2t); default: the full vocabulary")
+    p.add_argument("--random-init", action="store_true", help="do not start from the target's last decoder layer")
+    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--steps", type=int, help="total optimizer steps (overrides --epochs)")
+    p.add_argument("--tokens-per-batch", type=int, default=4096, help="padded tokens per step")
+    p.add_argument("--max-len", type=int, default=1024, help="conversations are cut to this many tokens")
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--warmup", type=int, default=50)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--grad-clip", type=float, default=0.5)
+    p.add_argument("--noise", type=float, default=0.2, help="width of the uniform noise on input features")
+    p.add_argument("--ce-weight", type=float, default=0.1, help="weight of the cross-entropy term")
+    p.add_argument("--eval-fraction", type=float, default=0.05, help="conversations held out for evaluation")
+    p.add_argument("--eval-every", type=int, default=100)
+    p.add_argument("--save-every", type=int, default=100)
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--max-minutes", type=float, help="stop (saving the head) after this much training time")
+    p.add_argument("--save-dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_run_train)

@@ -1,0 +1,64 @@
+"""Shared pieces of the decode-loop tests (test_draft, test_generate, test_loop_*): tiny
+random Llama targets and draft heads in float64, where the loop's output must match plain
+decoding exactly."""
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from eagle2.draft import DraftHead
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models are dominated by per-op overhead; extra threads only add contention."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny_target(vocab: int = 160, hidden: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2,
+                context: int = 256, seed: int = 0, layer_scale: float = 1.0, eos: int = 2) -> LlamaForCausalLM:
+    """A random float64 Llama. layer_scale < 1 shrinks what the layers add to the residual
+    stream, so the next token depends mostly on the current one (a draft can guess it)."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                         num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=context,
+                         eos_token_id=eos, bos_token_id=1, pad_token_id=0, tie_word_embeddings=False)
+    model = LlamaForCausalLM(config).double().eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.mul_(layer_scale)
+            layer.mlp.down_proj.weight.mul_(layer_scale)
+    return model
+
+
+def random_head(target, seed: int = 1) -> DraftHead:
+    torch.manual_seed(seed)
+    head = DraftHead.for_target(target, init_from_last_layer=False)
+    with torch.no_grad():
+        for p in head.parameters():
+            p.normal_(0, 0.1)
+    return head.double().attach(target)
+
+
+def cheat_head(target) -> DraftHead:
+    """A head that predicts the target's feature from the next token alone (fc = [I | 0], the
+    layer a no-op): accurate for a tiny_target with a small layer_scale."""
+    head = DraftHead.for_target(target, init_from_last_layer=False).double()
+    h = target.config.hidden_size
+    with torch.no_grad():
+        head.fc.weight.zero_()
+        head.fc.weight[:, :h] = torch.eye(h)
+        head.fc.bias.zero_()
+        head.layers[0].self_attn.o_proj.weight.zero_()
+        head.layers[0].mlp.down_proj.weight.zero_()
+    return head.attach(target)
+
+
+def ragged_prompts(count: int, vocab: int, seed: int, min_len: int = 1, max_len: int = 24) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    lens = torch.randint(min_len, max_len + 1, (count,), generator=g).tolist()
+    return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lens]

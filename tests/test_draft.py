@@ -1,0 +1,182 @@
+"""DraftHead: EAGLE-1/2 checkpoint layout (round trip, strict keys), target checks, reduced
+vocabulary, and the cached tree forward against the causal training forward."""
+import json
+
+import pytest
+import torch
+from loop_helpers import one_thread, random_head, tiny_target  # noqa: F401
+from safetensors.torch import load_file, save_file
+
+from eagle2.attention import chain_bits, pack_bits
+from eagle2.cache import KVCache
+from eagle2.draft import DraftHead
+
+EAGLE_KEYS = {
+    "fc.weight", "fc.bias", "layers.0.post_attention_layernorm.weight",
+    *(f"layers.0.self_attn.{p}_proj.weight" for p in "qkvo"),
+    *(f"layers.0.mlp.{p}_proj.weight" for p in ("gate", "up", "down")),
+}
+
+
+@pytest.fixture(scope="module")
+def target():
+    return tiny_target()
+
+
+@pytest.fixture
+def saved(tmp_path, target):
+    head = random_head(target)
+    head.save_pretrained(tmp_path)
+    return head, tmp_path
+
+
+def inputs(target, B=2, T=7, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    h, V = target.config.hidden_size, target.config.vocab_size
+    feats = torch.randn(B, T, h, generator=g, dtype=torch.float64)
+    toks = torch.randint(0, V, (B, T), generator=g)
+    return feats, toks, torch.arange(1, T + 1).expand(B, T)
+
+
+def test_round_trip_in_the_eagle_layout(saved, target):
+    head, path = saved
+    assert set(load_file(str(path / "model.safetensors"))) == EAGLE_KEYS
+    config = json.loads((path / "config.json").read_text())
+    assert config["num_hidden_layers"] == 1 and config["hidden_size"] == 64 and config["bias"] is True
+    loaded = DraftHead.from_pretrained(path, dtype=torch.float64).attach(target)
+    for k, v in head.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+    f, t, p = inputs(target)
+    assert torch.equal(loaded(f, t, p), head(f, t, p))
+
+
+def test_loads_pytorch_model_bin_with_official_embed_tokens(saved, target):
+    head, path = saved
+    state = load_file(str(path / "model.safetensors"))
+    # Official EAGLE checkpoints carry an (untrained) copy of the target embedding: accepted, unused.
+    state["embed_tokens.weight"] = torch.zeros(160, 64, dtype=torch.float64)
+    (path / "model.safetensors").unlink()
+    torch.save(state, path / "pytorch_model.bin")
+    loaded = DraftHead.from_pretrained(path, dtype=torch.float64).attach(target)
+    f, t, p = inputs(target)
+    assert torch.equal(loaded(f, t, p), head(f, t, p))
+    assert "embed_tokens.weight" not in loaded.state_dict()
+
+
+def test_bias_inferred_when_the_config_does_not_say(saved):
+    _, path = saved
+    config = json.loads((path / "config.json").read_text())
+    del config["bias"]
+    (path / "config.json").write_text(json.dumps(config))
+    assert DraftHead.from_pretrained(path).fc.bias is not None
+    state = load_file(str(path / "model.safetensors"))
+    del state["fc.bias"]
+    save_file(state, str(path / "model.safetensors"))
+    assert DraftHead.from_pretrained(path).fc.bias is None
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda s: s.pop("layers.0.mlp.up_proj.weight"), "missing key 'layers.0.mlp.up_proj.weight'"),
+    (lambda s: s.pop("fc.bias"), "missing key 'fc.bias'"),  # the config says bias: true
+    (lambda s: s.update({"layers.0.input_layernorm.weight": torch.ones(64)}), "unexpected key 'layers.0.input_layernorm.weight'"),
+    (lambda s: s.update({"lm_head.weight": torch.ones(160, 64)}), "unexpected key 'lm_head.weight'"),
+    (lambda s: s.update({"fc.weight": torch.ones(64, 64)}), r"fc.weight has shape \(64, 64\), expected \(64, 128\)"),
+    (lambda s: s.update({"embed_tokens.weight": torch.ones(10, 64)}), r"embed_tokens.weight has shape \(10, 64\)"),
+])
+def test_strict_keys(saved, edit, message):
+    _, path = saved
+    state = load_file(str(path / "model.safetensors"))
+    edit(state)
+    save_file(state, str(path / "model.safetensors"))
+    with pytest.raises(ValueError, match=message):
+        DraftHead.from_pretrained(path)
+
+
+def test_bad_checkpoint_folders(tmp_path, saved):
+    with pytest.raises(ValueError, match="config.json not found"):
+        DraftHead.from_pretrained(tmp_path / "nowhere")
+    _, path = saved
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 2}))
+    with pytest.raises(ValueError, match="num_hidden_layers 1"):
+        DraftHead.from_pretrained(path)
+    (path / "config.json").write_text(json.dumps(config))
+    (path / "model.safetensors").unlink()
+    with pytest.raises(ValueError, match="no weights"):
+        DraftHead.from_pretrained(path)
+
+
+def test_refuses_a_mismatched_target(target):
+    head = random_head(target)
+    with pytest.raises(ValueError, match="hidden_size 64 does not match the target's 32"):
+        head.attach(tiny_target(hidden=32, heads=2, kv_heads=1))
+    with pytest.raises(ValueError, match="vocab_size 160 does not match the target's 96"):
+        head.attach(tiny_target(vocab=96))
+    with pytest.raises(RuntimeError, match="attach"):
+        DraftHead(head.config)(*inputs(target))
+
+
+def test_reduced_vocabulary(tmp_path, target):
+    d2t = torch.tensor([7, 3, 150, 42, 0])
+    torch.manual_seed(3)
+    head = DraftHead.for_target(target, init_from_last_layer=False, d2t=d2t).double().attach(target)
+    full = DraftHead(head.config).double()
+    full.load_state_dict({k: v for k, v in head.state_dict().items() if k != "d2t"})
+    full.attach(target)
+    f, t, p = inputs(target)
+    hidden = head(f, t, p)
+    assert torch.equal(head.logits(hidden), full.logits(hidden)[..., d2t])
+    assert head.to_target_ids(torch.tensor([2, 0], dtype=torch.int32)).tolist() == [150, 7]
+    head.save_pretrained(tmp_path)
+    assert torch.equal(load_file(str(tmp_path / "model.safetensors"))["d2t"], d2t)
+    loaded = DraftHead.from_pretrained(tmp_path, dtype=torch.float64).attach(target)
+    assert torch.equal(loaded.d2t, d2t) and torch.equal(loaded.logits(hidden), head.logits(hidden))
+    with pytest.raises(ValueError, match="d2t holds ids outside"):
+        DraftHead(head.config, d2t=torch.tensor([1, 160])).attach(target)
+
+
+@torch.no_grad()
+def test_cached_tree_forward_matches_causal_forward(target):
+    """The drafting path (KV cache + tree_attention) computes what training computes."""
+    head = random_head(target)
+    B, T = 2, 9
+    f, t, p = inputs(target, B, T)
+    want = head(f, t, p)
+    cache = KVCache(1, B, 2, 32, 16, torch.float64)
+    got = []
+    for lo, hi in ((0, 4), (4, 5), (5, 9)):  # chunks, like prefill then catch-ups
+        n = hi - lo
+        got.append(head(f[:, lo:hi], t[:, lo:hi], p[:, lo:hi], cache=cache, mask_bits=chain_bits(n, B),
+                        prefix_len=cache.lengths.clone()))
+        cache.extend(torch.full((B,), n))
+    torch.testing.assert_close(torch.cat(got, 1), want, rtol=1e-12, atol=1e-12)
+
+
+@torch.no_grad()
+def test_tree_mask_sees_only_ancestors(target):
+    """A node attending to [prefix, its ancestors] equals the causal forward of that path."""
+    head = random_head(target)
+    f, t, p = inputs(target, 1, 6)
+    cache = KVCache(1, 1, 2, 32, 16, torch.float64)
+    head(f[:, :3], t[:, :3], p[:, :3], cache=cache, mask_bits=chain_bits(3, 1), prefix_len=cache.lengths.clone())
+    cache.extend(torch.tensor([3]))
+    # Tree below the prefix: nodes a, b (siblings at position 4), c (child of b at position 5).
+    tree_f = torch.stack([f[0, 3], f[0, 4], f[0, 5]])[None]
+    tree_t = torch.stack([t[0, 3], t[0, 4], t[0, 5]])[None]
+    tree_p = torch.tensor([[4, 4, 5]])
+    visible = torch.tensor([[1, 0, 0], [0, 1, 0], [0, 1, 1]], dtype=torch.bool)[None]
+    out = head(tree_f, tree_t, tree_p, cache=cache, mask_bits=pack_bits(visible), prefix_len=cache.lengths.clone())
+    path_b_c = torch.cat([f[:, :3], tree_f[:, 1:]], 1), torch.cat([t[:, :3], tree_t[:, 1:]], 1), torch.tensor([[1, 2, 3, 4, 5]])
+    path_a = torch.cat([f[:, :3], tree_f[:, :1]], 1), torch.cat([t[:, :3], tree_t[:, :1]], 1), torch.tensor([[1, 2, 3, 4]])
+    torch.testing.assert_close(out[:, 1:], head(*path_b_c)[:, 3:], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(out[:, :1], head(*path_a)[:, 3:], rtol=1e-12, atol=1e-12)
+
+
+def test_for_target_copies_the_last_layer(target):
+    head = DraftHead.for_target(target)
+    last = target.model.layers[-1]
+    assert torch.equal(head.layers[0].self_attn.q_proj.weight, last.self_attn.q_proj.weight)
+    assert torch.equal(head.layers[0].mlp.down_proj.weight, last.mlp.down_proj.weight)
+    f, t, p = inputs(target)
+    x = head.fc(torch.cat([target.model.embed_tokens(t), f], -1))
+    torch.testing.assert_close(x, f)  # fc passes the feature through

@@ -1,0 +1,147 @@
+"""The decode loop on tiny random float64 Llamas: greedy EAGLE-2 == plain greedy == HF greedy,
+token for token (ragged batches, several tree shapes, EOS, max_new_tokens, the context limit),
+and clear errors for bad input."""
+import pytest
+import torch
+from loop_helpers import cheat_head, one_thread, ragged_prompts, random_head, tiny_target  # noqa: F401
+
+import eagle2
+from eagle2 import Generator, TreeShape
+
+SHAPES = [
+    TreeShape(1, 1, 1),    # root only: every step is a plain step
+    TreeShape(6, 5, 1),    # a chain (k = 1)
+    TreeShape(8, 3, 3),    # small
+    TreeShape(16, 6, 2),   # deep
+    TreeShape(24, 3, 5),   # wide
+]
+
+
+@pytest.fixture(scope="module")
+def target():
+    return tiny_target(layer_scale=0.5)
+
+
+@pytest.fixture(scope="module")
+def heads(target):
+    return {"random": random_head(target), "cheat": cheat_head(target)}
+
+
+def test_greedy_equals_vanilla_and_hf(target, heads):
+    prompts = ragged_prompts(5, 160, seed=1)
+    gen = Generator(target, head=heads["random"])
+    vanilla = gen.generate(prompts, max_new_tokens=24, method="vanilla")
+    hf = gen.generate(prompts, max_new_tokens=24, method="hf")
+    assert [r.tokens for r in vanilla] == [r.tokens for r in hf]
+    assert all(r.tau == 1.0 and r.target_forwards == r.new_tokens for r in vanilla)
+    for shape in SHAPES:
+        for kind, head in heads.items():
+            gen.head = head
+            out = gen.generate(prompts, max_new_tokens=24, total_tokens=shape.total_tokens, depth=shape.depth,
+                               topk=shape.topk)
+            assert [r.tokens for r in out] == [r.tokens for r in vanilla], (kind, shape)
+            if kind == "cheat" and shape.total_tokens > 1:
+                # the multi-token path must really be exercised
+                assert max(r.tau for r in out) > 1.5, (shape, [r.tau for r in out])
+                assert sum(r.target_forwards for r in out) < sum(r.target_forwards for r in vanilla)
+
+
+@pytest.mark.parametrize("seed", [2, 3])
+def test_greedy_many_prompts_one_by_one_and_batched(target, heads, seed):
+    prompts = ragged_prompts(6, 160, seed=seed, max_len=40)
+    gen = Generator(target, head=heads["cheat"], shape=TreeShape(10, 4, 3))
+    batched = gen.generate(prompts, max_new_tokens=20)
+    single = [gen.generate([p], max_new_tokens=20, method="vanilla")[0] for p in prompts]
+    assert [r.tokens for r in batched] == [r.tokens for r in single]
+
+
+def test_eos_truncates_and_rows_finish_independently(target, heads):
+    prompts = ragged_prompts(4, 160, seed=4)
+    free = Generator(target, head=heads["cheat"], eos_token_ids=[]).generate(prompts, max_new_tokens=30, method="vanilla")
+
+    def cut_at(eos):
+        return [r.tokens[: r.tokens.index(eos) + 1] if eos in r.tokens else r.tokens for r in free]
+
+    # an EOS that stops row 0 mid-output and leaves the rows with different lengths
+    row0 = free[0].tokens
+    eos = next(t for j, t in enumerate(row0) if j >= 3 and row0.index(t) == j and len({len(c) for c in cut_at(t)}) > 1)
+    expected = cut_at(eos)
+    assert 3 < len(expected[0]) < 30
+    gen = Generator(target, head=heads["cheat"], eos_token_ids=[eos])
+    for method in ("eagle2", "vanilla", "hf"):
+        out = gen.generate(prompts, max_new_tokens=30, method=method)
+        assert [r.tokens for r in out] == expected, method
+    # A tree that accepts past the EOS still stops there.
+    out = gen.generate(prompts, max_new_tokens=30, total_tokens=16, depth=6, topk=2)
+    assert [r.tokens for r in out] == expected
+
+
+@pytest.mark.parametrize("max_new", [1, 2, 7])
+def test_max_new_tokens_exact(target, heads, max_new):
+    prompts = ragged_prompts(3, 160, seed=5)
+    gen = Generator(target, head=heads["cheat"], eos_token_ids=[])
+    out = gen.generate(prompts, max_new_tokens=max_new, total_tokens=12, depth=5, topk=3)
+    van = gen.generate(prompts, max_new_tokens=max_new, method="vanilla")
+    assert [len(r.tokens) for r in out] == [max_new] * 3
+    assert [r.tokens for r in out] == [r.tokens for r in van]
+
+
+def test_context_limit_exact():
+    context = 40
+    model = tiny_target(layer_scale=0.5, context=context, seed=7)
+    gen = Generator(model, head=cheat_head(model), eos_token_ids=[], shape=TreeShape(16, 6, 2))
+    seen = []
+
+    def record(module, args, kwargs):
+        seen.append(int(kwargs["position_ids"].max() if "position_ids" in kwargs else args[1].max()))
+
+    hook = model.model.rotary_emb.register_forward_pre_hook(record, with_kwargs=True)
+    prompts = [list(range(3, 33)), list(range(3, 10)), [5] * 38]  # room: 10, 33, 2 tokens
+    try:
+        out = gen.generate(prompts, max_new_tokens=100)
+        van = gen.generate(prompts, max_new_tokens=100, method="vanilla")
+    finally:
+        hook.remove()
+    assert [len(r.tokens) for r in out] == [context - len(p) for p in prompts]
+    assert [r.tokens for r in out] == [r.tokens for r in van]
+    assert max(seen) == context - 2  # the last token is generated, never fed back
+
+
+def test_stream_reports_every_token(target, heads):
+    prompts = ragged_prompts(3, 160, seed=6)
+    got = {i: [] for i in range(3)}
+    out = Generator(target, head=heads["cheat"]).generate(
+        prompts, max_new_tokens=15, stream=lambda i, ids: got[i].extend(ids))
+    assert [got[i] for i in range(3)] == [r.tokens for r in out]
+
+
+def test_bad_input(target, heads):
+    gen = Generator(target, head=heads["random"])
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        gen.generate([[5, 6], []])
+    with pytest.raises(ValueError, match="no room left"):
+        gen.generate([[5] * 256])
+    with pytest.raises(ValueError, match="outside"):
+        gen.generate([[5, 999]])
+    with pytest.raises(ValueError, match="method"):
+        gen.generate([[5]], method="beam")
+    with pytest.raises(TypeError):
+        gen.generate([[5]], num_beams=2)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        gen.generate([[5]], max_new_tokens=0)
+    with pytest.raises(ValueError, match="temperature"):
+        gen.generate([[5]], temperature=-1.0)
+    with pytest.raises(ValueError, match="top_p"):
+        gen.generate([[5]], temperature=1.0, top_p=0.0)
+    with pytest.raises(ValueError, match="topk"):
+        gen.generate([[5]], topk=-2)
+    with pytest.raises(ValueError, match="text needs a tokenizer"):
+        gen.generate(["hello"])
+    with pytest.raises(ValueError, match="draft head"):
+        Generator(target).generate([[5]])
+    other = tiny_target(hidden=32, heads=2, kv_heads=1)
+    with pytest.raises(ValueError, match="hidden_size 32 does not match the target's 64"):
+        Generator(target, head=random_head(other))
+    with pytest.raises(ValueError, match="vocab_size 100 does not match the target's 160"):
+        Generator(target, head=random_head(tiny_target(vocab=100)))
+
