@@ -6,6 +6,7 @@ Metadata lives in pyproject.toml; this file only drives CMakeLists.txt. Environm
   EAGLE2_SANITIZE=1         CPU module with AddressSanitizer + UBSan (debug build, for CI)
   MAX_JOBS / CMAKE_BUILD_PARALLEL_LEVEL   parallel compile jobs, default 2
 """
+import fcntl
 import json
 import os
 import shutil
@@ -43,14 +44,22 @@ class CMakeBuild(build_ext):
             sys.exit("eagle2-kernels: building needs cmake (pip install cmake ninja pybind11)")
         import pybind11
 
-        build_dir = Path(self.build_temp).resolve() / "cmake"
-        out_dir = Path(self.get_ext_fullpath(self.extensions[0].name)).resolve().parent
+        # A fixed folder (not build_temp, which editable installs make anew each time), so
+        # repeated development builds only recompile what changed.
+        build_dir = ROOT / "build" / f"cmake-{sys.implementation.cache_tag}"
+        build_dir.parent.mkdir(parents=True, exist_ok=True)
+        # Several builds of one checkout at once (parallel dev installs) share build_dir.
+        with open(build_dir.with_suffix(".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            self._cmake_build(cmake, pybind11.get_cmake_dir(), build_dir)
+
+    def _cmake_build(self, cmake: str, pybind11_dir: str, build_dir: Path) -> None:
         sanitize = _flag("EAGLE2_SANITIZE")
         defs = {
             "CMAKE_BUILD_TYPE": "Debug" if sanitize else "Release",
-            "CMAKE_LIBRARY_OUTPUT_DIRECTORY": str(out_dir),
+            "CMAKE_LIBRARY_OUTPUT_DIRECTORY": str(build_dir / "lib"),
             "Python_EXECUTABLE": sys.executable,
-            "pybind11_DIR": pybind11.get_cmake_dir(),
+            "pybind11_DIR": pybind11_dir,
             "EAGLE2_NO_CUDA": "ON" if _flag("EAGLE2_NO_CUDA") else "OFF",
             "EAGLE2_SANITIZE": "ON" if sanitize else "OFF",
             "CMAKE_CUDA_ARCHITECTURES": os.environ.get("EAGLE2_CUDA_ARCHS", "80;90"),
@@ -68,19 +77,20 @@ class CMakeBuild(build_ext):
         configure += [f"-D{k}={v}" for k, v in defs.items()]
         subprocess.run(configure, check=True)
         stamp.write_text(fingerprint)
-        for ext in self.extensions:  # a module left by an earlier build must not pass for a new one
-            Path(self.get_ext_fullpath(ext.name)).unlink(missing_ok=True)
         jobs = self.parallel or os.environ.get("MAX_JOBS") or os.environ.get("CMAKE_BUILD_PARALLEL_LEVEL") or 2
         subprocess.run([cmake, "--build", str(build_dir), "--parallel", str(jobs)], check=True)
 
         built = []
         for ext in self.extensions:
-            if Path(self.get_ext_fullpath(ext.name)).exists():
+            name = Path(self.get_ext_fullpath(ext.name)).name
+            if (build_dir / "lib" / name).exists():
+                Path(self.get_ext_fullpath(ext.name)).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(build_dir / "lib" / name, self.get_ext_fullpath(ext.name))
                 built.append(ext)
             elif ext.name == "eagle2_kernels._cuda":
                 print("eagle2-kernels: CUDA module not built (no CUDA compiler found, or EAGLE2_NO_CUDA=1)")
             else:
-                sys.exit(f"eagle2-kernels: CMake did not produce {self.get_ext_fullpath(ext.name)}")
+                sys.exit(f"eagle2-kernels: CMake did not produce {build_dir / 'lib' / name}")
         self.extensions[:] = built
 
 

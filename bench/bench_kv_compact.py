@@ -25,7 +25,7 @@ def cases(device: torch.device, quick: bool) -> list[Case]:
         g = torch.Generator().manual_seed(0)
         S = prefix + TREE
         cache = torch.empty((N, B, H, S, d), dtype=torch.bfloat16, device=device).normal_()
-        prefix_len = torch.randint(prefix - 256, prefix + 1, (B,), generator=g, dtype=torch.int32)
+        prefix_len = torch.randint(max(prefix - 256, 0), prefix + 1, (B,), generator=g, dtype=torch.int32)
         accept_len = torch.randint(4, 8, (B,), generator=g, dtype=torch.int32)
         accepted = torch.full((B, 8), -1, dtype=torch.int32)
         for b, n in enumerate(accept_len.tolist()):  # root, then n - 1 increasing tree nodes

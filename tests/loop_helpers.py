@@ -20,9 +20,11 @@ def one_thread():
 
 
 def tiny_target(vocab: int = 160, hidden: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2,
-                context: int = 256, seed: int = 0, layer_scale: float = 1.0, eos: int = 2) -> LlamaForCausalLM:
+                context: int = 256, seed: int = 0, layer_scale: float = 1.0, logit_scale: float = 1.0,
+                eos: int = 2) -> LlamaForCausalLM:
     """A random float64 Llama. layer_scale < 1 shrinks what the layers add to the residual
-    stream, so the next token depends mostly on the current one (a draft can guess it)."""
+    stream, so the next token depends mostly on the current one (a draft can guess it);
+    logit_scale > 1 sharpens its next-token distributions (random init gives near-uniform ones)."""
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
                          num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=context,
@@ -32,6 +34,7 @@ def tiny_target(vocab: int = 160, hidden: int = 64, layers: int = 2, heads: int 
         for layer in model.model.layers:
             layer.self_attn.o_proj.weight.mul_(layer_scale)
             layer.mlp.down_proj.weight.mul_(layer_scale)
+        model.lm_head.weight.mul_(logit_scale)
     return model
 
 
@@ -44,10 +47,10 @@ def random_head(target, seed: int = 1) -> DraftHead:
     return head.double().attach(target)
 
 
-def cheat_head(target) -> DraftHead:
+def cheat_head(target, d2t: torch.Tensor | None = None) -> DraftHead:
     """A head that predicts the target's feature from the next token alone (fc = [I | 0], the
     layer a no-op): accurate for a tiny_target with a small layer_scale."""
-    head = DraftHead.for_target(target, init_from_last_layer=False).double()
+    head = DraftHead.for_target(target, init_from_last_layer=False, d2t=d2t).double()
     h = target.config.hidden_size
     with torch.no_grad():
         head.fc.weight.zero_()

@@ -5,7 +5,6 @@ import pytest
 import torch
 from loop_helpers import cheat_head, one_thread, ragged_prompts, random_head, tiny_target  # noqa: F401
 
-import eagle2
 from eagle2 import Generator, TreeShape
 
 SHAPES = [
@@ -44,6 +43,16 @@ def test_greedy_equals_vanilla_and_hf(target, heads):
                 # the multi-token path must really be exercised
                 assert max(r.tau for r in out) > 1.5, (shape, [r.tau for r in out])
                 assert sum(r.target_forwards for r in out) < sum(r.target_forwards for r in vanilla)
+
+
+def test_reduced_draft_vocabulary(target):
+    """Drafts from a d2t subset are proposed as target ids; the output is still exact."""
+    prompts = ragged_prompts(4, 160, seed=8)
+    head = cheat_head(target, d2t=torch.randperm(160, generator=torch.Generator().manual_seed(0))[:60])
+    gen = Generator(target, head=head, shape=TreeShape(10, 4, 3))
+    out = gen.generate(prompts, max_new_tokens=20)
+    assert [r.tokens for r in out] == [r.tokens for r in gen.generate(prompts, max_new_tokens=20, method="vanilla")]
+    assert max(r.tau for r in out) > 1.2
 
 
 @pytest.mark.parametrize("seed", [2, 3])

@@ -19,7 +19,7 @@ ROWS, SEEDS = 600, (0, 1, 2)
 
 @pytest.fixture(scope="module")
 def gen():
-    model = tiny_target(vocab=V, layer_scale=0.5, seed=5)
+    model = tiny_target(vocab=V, layer_scale=0.5, logit_scale=15.0, seed=5)
     return Generator(model, head=cheat_head(model), eos_token_ids=[], shape=TreeShape(8, 3, 3))
 
 

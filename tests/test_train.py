@@ -53,7 +53,7 @@ def _train_args(data, out, target, *extra):
     return cli.build_parser().parse_args(
         ["train", "--data", str(data), "--out", str(out), "--target", str(target), "--tokens-per-batch", "256",
          "--lr", "3e-3", "--warmup", "5", "--eval-fraction", "0.15", "--eval-every", "1000", "--log-every", "1000",
-         "--save-dtype", "float32", *extra])
+         "--save-dtype", "float32", "--precision", "float32", *extra])
 
 
 def test_train_data_shards_are_resumable(tiny_data):
@@ -76,7 +76,8 @@ def test_train_data_shards_are_resumable(tiny_data):
 
 def test_training_lowers_loss_and_raises_accuracy(tiny_data, tiny_target, tmp_path):
     _, data = tiny_data
-    res = train(_train_args(data, tmp_path / "head", tiny_target, "--steps", "80", "--random-init"))
+    res = train(_train_args(data, tmp_path / "head", tiny_target, "--steps", "80", "--random-init",
+                           "--precision", "bfloat16"))
     start, end = res.eval_start, res.eval_end
     assert end["vloss"] < 0.7 * start["vloss"]
     assert end["ce"] < start["ce"]

@@ -210,9 +210,7 @@ void launch_topk_rows(const void* in, const float* parent_scores, int64_t rows, 
 void frontier_expand_cuda(const void* logits, int dtype, const float* parent_scores, int64_t B, int64_t K,
                           int64_t V, int64_t k, int32_t* child_tokens, float* child_scores,
                           int32_t* frontier_index, float* frontier_scores, void* stream) {
-  if (V >= fe::kNoIndex || K * k >= fe::kNoIndex || B * K > 0x7fffffff) {
-    throw std::invalid_argument("frontier_expand_cuda: V, K * k and B * K must fit in int32");
-  }
+  fe::check_sizes("frontier_expand_cuda", B, K, V, k);
   const auto s = static_cast<cudaStream_t>(stream);
   switch (dtype) {
     case kFloat32:

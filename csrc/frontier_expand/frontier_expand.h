@@ -3,6 +3,8 @@
 #pragma once
 #include <cmath>
 #include <cstdint>
+#include <stdexcept>
+#include <string>
 
 #include "eagle2_kernels/common.h"
 
@@ -12,6 +14,13 @@ namespace fe {
 constexpr float kNegInf = -__builtin_huge_valf();
 // Index of an empty list slot: loses to every real candidate, even a -inf one.
 constexpr int32_t kNoIndex = INT32_MAX;
+
+// Token ids and child indices are int32, and kNoIndex must stay above every real one.
+inline void check_sizes(const char* op, int64_t B, int64_t K, int64_t V, int64_t k) {
+  if (V >= kNoIndex || K * k >= kNoIndex || B * K >= kNoIndex) {
+    throw std::invalid_argument(std::string(op) + ": V, K * k and B * K must be below 2^31 - 1");
+  }
+}
 
 // The one total order of the op: higher value first, ties to the lower index. Values are
 // sanitized (never NaN) and -0.0 == +0.0, exactly like torch.sort(stable=True, descending=True).

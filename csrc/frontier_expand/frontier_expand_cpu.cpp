@@ -3,7 +3,6 @@
 // frontier is the top-k of the row's K*k children. Rows are spread over std::threads when the
 // work is large enough to pay for starting them.
 #include <algorithm>
-#include <cmath>
 #include <cstring>
 #include <stdexcept>
 #include <string>
@@ -43,7 +42,7 @@ int32_t order_key(int32_t i) { return i ^ ((i >> 31) & 0x7fffffff); }
 
 // exp(x) for x <= 0 (-inf included) without a library call. Below -87 the result would be
 // subnormal; it returns about 1.6e-38 instead, which is lost next to the row maximum's term
-// exp(0) = 1 in every sum it enters. Error: about 2 ulp.
+// exp(0) = 1 in every sum it enters. Error: below 1.2 ulp (checked against double exp).
 float exp_nonpositive(float x) {
   // Clamp to -87 by the bits: for x <= 0 a larger bit pattern is a more negative float.
   x = bits_to_float(std::min(float_bits(x), float_bits(-87.f)));
@@ -143,6 +142,7 @@ void expand_all_rows(const void* logits, const float* parent_scores, int64_t row
 void frontier_expand_cpu(const void* logits, int dtype, const float* parent_scores, int64_t B, int64_t K,
                          int64_t V, int64_t k, int32_t* child_tokens, float* child_scores,
                          int32_t* frontier_index, float* frontier_scores) {
+  fe::check_sizes("frontier_expand_cpu", B, K, V, k);
   switch (dtype) {
     case kFloat32:
       expand_all_rows<kFloat32>(logits, parent_scores, B * K, V, k, child_tokens, child_scores);

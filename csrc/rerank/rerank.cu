@@ -36,6 +36,9 @@ __device__ uint64_t pack_key(float eff, int32_t depth, int32_t index) {
   return uint64_t(rerank_score_key(eff)) << 32 | uint64_t(depth) << 16 | uint64_t(index);
 }
 
+// Replaces each flag (nonzero = set) by base + the number of set flags before it, or -1 if
+// unset; returns the number of set flags. All threads of the block must call it; blockDim.x
+// is a multiple of 32. Each thread scans one contiguous chunk, so order is preserved.
 __device__ int block_enumerate(int32_t* flags, int n, int base, int32_t* scratch) {
   const int t = threadIdx.x, lane = t & 31, warp = t >> 5, warps = blockDim.x >> 5;
   const int per = (n + blockDim.x - 1) / blockDim.x;
@@ -161,6 +164,7 @@ void rerank_cuda(const float* cand_scores, const int32_t* cand_parents, const in
     throw std::runtime_error("rerank_cuda: at most " + std::to_string(kMaxCandidates) +
                              " candidates per row are supported (all of a row's candidates live in shared "
                              "memory), got N = " + std::to_string(N) + "; use the cpu or reference backend");
+  if (B == 0) return;
   const size_t smem = shared_bytes(N, m);
   if (smem > 48 * 1024) {
     int dev = 0, limit = 0;

@@ -5,6 +5,7 @@
 // so it takes at most as many steps as there are nodes, whatever the input holds.
 #pragma once
 #include <cstdint>
+#include <cstring>
 
 #include "eagle2_kernels/common.h"
 

@@ -7,10 +7,14 @@
 // row keeps an online softmax (running max m, running sum l, unnormalised output o; float32).
 // Tasks run on std::threads taking (b, KV head) pairs from a shared counter, which balances
 // ragged prefix lengths.
+//
+// The arithmetic is written with GCC/Clang vector types of kLanes floats: auto-vectorised loops
+// of the same maths spill their accumulators and run several times slower. The whole task body
+// is compiled for the baseline ISA (4 lanes: SSE2/NEON) and, on x86-64, also for AVX2+FMA
+// (8 lanes) and AVX-512 (16 lanes); the widest the CPU runs is picked at run time.
 #include <algorithm>
 #include <atomic>
 #include <cmath>
-#include <cstring>
 #include <limits>
 #include <system_error>
 #include <thread>
@@ -19,21 +23,125 @@
 #include "eagle2_kernels/ops.h"
 #include "tree_attention.h"
 
+#define E2K_INLINE inline __attribute__((always_inline))
+#if defined(__GNUC__) && !defined(__clang__)
+// Every function returning 8-lane vectors is always inlined into the AVX2 body, so the warning that
+// its out-of-line ABI differs without AVX does not apply. (Vector arguments are passed by
+// reference: GCC's note about their ABI ignores this pragma.)
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
+
 namespace e2k {
 namespace {
 
 // Keys per tile: the transposed K tile, the V tile and the scores of all rows stay in L1/L2
 // while the group's rows use them.
 constexpr int64_t kTileKeys = 64;
-// Column block of the tile products: the head dim is padded to it, and the key tile is a multiple.
-constexpr int64_t kColBlock = 16;
-// Rows are padded to a multiple of every register block height used below (3 and 6).
+// The head dim is padded to a multiple of every column block of the tile products (16, 32), as
+// kTileKeys is, and the rows to a multiple of every block height (3, 6).
+constexpr int64_t kDimPad = 32;
 constexpr int64_t kRowPad = 6;
 // Below this many multiply-adds per thread, starting threads costs more than it saves.
 constexpr int64_t kMinWorkPerThread = int64_t(1) << 21;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 constexpr int64_t round_up(int64_t x, int64_t to) { return (x + to - 1) / to * to; }
+
+// Vectors of kLanes floats (F) and int32 masks (I). Memory is accessed through Unaligned, an
+// alias of F with float alignment (GCC and Clang let a float vector alias float).
+template <int64_t kLanes>
+struct Simd {
+  typedef float F __attribute__((vector_size(kLanes * sizeof(float))));
+  typedef int32_t I __attribute__((vector_size(kLanes * sizeof(float))));
+  typedef F Unaligned __attribute__((aligned(alignof(float))));
+  static E2K_INLINE F load(const float* p) { return *reinterpret_cast<const Unaligned*>(p); }
+  static E2K_INLINE void store(float* p, const F& v) { *reinterpret_cast<Unaligned*>(p) = v; }
+  static E2K_INLINE F splat(float x) { return F{} + x; }
+  static E2K_INLINE F select(const I& mask, const F& a, const F& b) { return (F)(((I)a & mask) | ((I)b & ~mask)); }
+};
+
+// exp(x) for x <= 0 (or -inf), within 1e-7 relative: round(x / ln 2) and a degree-6 polynomial on
+// the remainder (Cephes expf), scaled by 2^n built in the exponent bits. Below -87 (exp < 2e-38)
+// it returns 0, which is how masked keys (-inf) get weight 0.
+template <int64_t kLanes>
+E2K_INLINE typename Simd<kLanes>::F exp_nonpositive(const typename Simd<kLanes>::F& arg) {
+  using V = Simd<kLanes>;
+  using F = typename V::F;
+  using I = typename V::I;
+  const I live = arg >= V::splat(-87.0f);
+  const F x = V::select(live, arg, V::splat(-87.0f));
+  const I n = __builtin_convertvector(x * 1.44269504088896341f - 0.5f, I);  // truncation rounds: x <= 0
+  const F nf = __builtin_convertvector(n, F);
+  const F r = (x - nf * 0.693359375f) - nf * -2.12194440e-4f;  // x - n ln 2 in two exact-ish steps
+  F y = V::splat(1.9875691500e-4f);
+  y = y * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * r * r + r + 1.0f;
+  return (F)((I)(y * (F)((n + 127) << 23)) & live);
+}
+
+// Online-softmax step of one row over a tile: s holds the tile's scaled scores (-inf where not
+// visible) and becomes the weights exp(s - m_new); m and l are the row's running max and sum.
+// Returns the factor by which the row's output so far must be rescaled.
+template <int64_t kLanes>
+E2K_INLINE float softmax_tile_row(float* s, float& m, float& l) {
+  using V = Simd<kLanes>;
+  typename V::F mx = V::load(s);
+  for (int64_t j = kLanes; j < kTileKeys; j += kLanes) {
+    const typename V::F x = V::load(s + j);
+    mx = V::select(x > mx, x, mx);
+  }
+  float m_new = m;
+  for (int64_t i = 0; i < kLanes; ++i) m_new = std::max(m_new, mx[i]);
+  if (m_new == kNegInf) {  // nothing visible yet: weight 0 everywhere, the row keeps its state
+    std::fill(s, s + kTileKeys, 0.0f);
+    return 1.0f;
+  }
+  const typename V::F shift = V::splat(m_new);
+  typename V::F sum{};
+  for (int64_t j = 0; j < kTileKeys; j += kLanes) {
+    const typename V::F e = exp_nonpositive<kLanes>(V::load(s + j) - shift);
+    V::store(s + j, e);
+    sum += e;
+  }
+  const float corr = std::exp(m - m_new);  // 0 while the row had seen nothing
+  float total = 0.0f;
+  for (int64_t i = 0; i < kLanes; ++i) total += sum[i];
+  m = m_new;
+  l = l * corr + total;
+  return corr;
+}
+
+// c[rows][cols] += a[rows][inner] . b[inner][cols] (row strides lda, ldb, ldc; rows a multiple of
+// kRows, cols of kCols). A kRows x kCols block of c stays in registers over the whole inner loop
+// and is updated from one row of b and kRows scalars of a per step; the instantiations below keep
+// kRows * kCols / kLanes = 12 accumulators, which fit the 16 vector registers of SSE2 and AVX2.
+template <int64_t kRows, int64_t kLanes, int64_t kCols>
+E2K_INLINE void tile_product(const float* a, int64_t lda, const float* b, int64_t ldb, float* c, int64_t ldc,
+                             int64_t rows, int64_t cols, int64_t inner) {
+  using V = Simd<kLanes>;
+  constexpr int64_t kVecs = kCols / kLanes;
+  for (int64_t r0 = 0; r0 < rows; r0 += kRows) {
+    for (int64_t j0 = 0; j0 < cols; j0 += kCols) {
+      typename V::F acc[kRows][kVecs];
+      for (int64_t r = 0; r < kRows; ++r)
+        for (int64_t v = 0; v < kVecs; ++v) acc[r][v] = V::load(c + (r0 + r) * ldc + j0 + v * kLanes);
+      for (int64_t k = 0; k < inner; ++k) {
+        typename V::F bk[kVecs];
+        for (int64_t v = 0; v < kVecs; ++v) bk[v] = V::load(b + k * ldb + j0 + v * kLanes);
+        for (int64_t r = 0; r < kRows; ++r) {
+          const float ar = a[(r0 + r) * lda + k];
+          for (int64_t v = 0; v < kVecs; ++v) acc[r][v] += ar * bk[v];
+        }
+      }
+      for (int64_t r = 0; r < kRows; ++r)
+        for (int64_t v = 0; v < kVecs; ++v) V::store(c + (r0 + r) * ldc + j0 + v * kLanes, acc[r][v]);
+    }
+  }
+}
 
 struct Problem {
   const void* q;
@@ -47,14 +155,14 @@ struct Problem {
 };
 
 // Per-thread buffers, allocated by the calling thread before any worker starts. Rows are padded
-// to kRowPad and the head dim to kColBlock with zeros, so the tile products need no edge cases.
+// to kRowPad and the head dim to kDimPad with zeros, so the tile products need no edge cases.
 struct Scratch {
   int64_t rows, dim;                 // padded R and d
   std::vector<float> q, o, s, m, l;  // [rows][dim], [rows][dim], [rows][kTileKeys], [rows], [rows]
   std::vector<float> kt, v;          // K tile transposed [dim][kTileKeys], V tile [kTileKeys][dim]
   explicit Scratch(const Problem& p)
       : rows(round_up(p.Hq / p.Hkv * p.n, kRowPad)),
-        dim(round_up(p.d, kColBlock)),
+        dim(round_up(p.d, kDimPad)),
         q(rows * dim),
         o(rows * dim),
         s(rows * kTileKeys),
@@ -64,56 +172,9 @@ struct Scratch {
         v(kTileKeys * dim) {}
 };
 
-// c[rows][cols] += a[rows][inner] . b[inner][cols] (row strides lda, ldb, ldc; rows a multiple of
-// kRows, cols of kColBlock). A kRows x kColBlock block of c stays in registers (vectors of kLanes
-// floats) over the whole inner loop and is updated from one row of b and kRows scalars of a per
-// step. The block is sized to the register file: 12 accumulators of 4 lanes for SSE/NEON, of 8
-// lanes for AVX2. Written with GCC/Clang vector types because auto-vectorised loops spill the
-// accumulators and run at a fraction of the speed.
-template <int64_t kRows, int64_t kLanes>
-inline __attribute__((always_inline)) void tile_product_block(const float* a, int64_t lda, const float* b,
-                                                              int64_t ldb, float* c, int64_t ldc, int64_t rows,
-                                                              int64_t cols, int64_t inner) {
-  // aligned(4): unaligned loads and stores through Vec pointers (GCC/Clang let a float vector alias float).
-  typedef float Vec __attribute__((vector_size(kLanes * sizeof(float)), aligned(alignof(float))));
-  constexpr int64_t kVecs = kColBlock / kLanes;
-  for (int64_t r0 = 0; r0 < rows; r0 += kRows) {
-    for (int64_t j0 = 0; j0 < cols; j0 += kColBlock) {
-      Vec acc[kRows][kVecs];
-      for (int64_t r = 0; r < kRows; ++r)
-        for (int64_t v = 0; v < kVecs; ++v) acc[r][v] = *reinterpret_cast<const Vec*>(c + (r0 + r) * ldc + j0 + v * kLanes);
-      for (int64_t k = 0; k < inner; ++k) {
-        const Vec* bk = reinterpret_cast<const Vec*>(b + k * ldb + j0);
-        for (int64_t r = 0; r < kRows; ++r) {
-          const float ar = a[(r0 + r) * lda + k];
-          for (int64_t v = 0; v < kVecs; ++v) acc[r][v] += ar * bk[v];
-        }
-      }
-      for (int64_t r = 0; r < kRows; ++r)
-        for (int64_t v = 0; v < kVecs; ++v) *reinterpret_cast<Vec*>(c + (r0 + r) * ldc + j0 + v * kLanes) = acc[r][v];
-    }
-  }
-}
-
-#if defined(__x86_64__)
-__attribute__((target("avx2,fma"))) void tile_product_avx2(const float* a, int64_t lda, const float* b, int64_t ldb,
-                                                            float* c, int64_t ldc, int64_t rows, int64_t cols,
-                                                            int64_t inner) {
-  tile_product_block<6, 8>(a, lda, b, ldb, c, ldc, rows, cols, inner);
-}
-const bool kHasAvx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-#endif
-
-void tile_product(const float* a, int64_t lda, const float* b, int64_t ldb, float* c, int64_t ldc, int64_t rows,
-                  int64_t cols, int64_t inner) {
-#if defined(__x86_64__)
-  if (kHasAvx2) return tile_product_avx2(a, lda, b, ldb, c, ldc, rows, cols, inner);
-#endif
-  tile_product_block<3, 4>(a, lda, b, ldb, c, ldc, rows, cols, inner);
-}
-
-template <int DT>
-void attend_group(const Problem& P, int64_t b, int64_t kvh, Scratch& w) {
+// The whole attention of one (batch row, KV head) group; see the file comment.
+template <int DT, int64_t kRows, int64_t kLanes, int64_t kCols>
+E2K_INLINE void attend_group(const Problem& P, int64_t b, int64_t kvh, Scratch& w) {
   const int64_t group = P.Hq / P.Hkv, R = group * P.n, d = P.d, rows = w.rows, dim = w.dim;
   const int64_t row0 = (b * P.Hq + kvh * group) * P.n * d;  // first q/out element of the group
   const int64_t kv0 = (b * P.Hkv + kvh) * P.S * d;
@@ -143,32 +204,20 @@ void attend_group(const Problem& P, int64_t b, int64_t kvh, Scratch& w) {
     }
 
     std::fill(s, s + rows * kTileKeys, 0.0f);
-    tile_product(q, dim, kt, kTileKeys, s, kTileKeys, rows, kTileKeys, dim);
+    tile_product<kRows, kLanes, kCols>(q, dim, kt, kTileKeys, s, kTileKeys, rows, kTileKeys, dim);
 
     for (int64_t r = 0; r < R; ++r) {
       float* sr = s + r * kTileKeys;
       const int32_t* words = P.bits + (b * P.n + r % P.n) * P.W;
-      float mx = kNegInf;
-      for (int64_t j = 0; j < kTileKeys; ++j) {
-        const bool visible = j < prefix_keys || (j < kb && tree_bit(words, k0 + j - p));
-        sr[j] = visible ? sr[j] * P.scale : kNegInf;
-        mx = std::max(mx, sr[j]);
-      }
-      // A row that sees nothing in this tile gets weight 0 everywhere and keeps its state.
-      const float m_new = std::max(m[r], mx);
-      const float shift = m_new == kNegInf ? 0.0f : m_new;
-      const float corr = std::exp(m[r] - shift);  // 0 while the row has seen nothing
-      float sum = 0.0f;
-      for (int64_t j = 0; j < kTileKeys; ++j) {
-        sr[j] = std::exp(sr[j] - shift);
-        sum += sr[j];
-      }
-      m[r] = m_new;
-      l[r] = l[r] * corr + sum;
+      for (int64_t j = 0; j < prefix_keys; ++j) sr[j] *= P.scale;
+      for (int64_t j = prefix_keys; j < kb; ++j) sr[j] = tree_bit(words, k0 + j - p) ? sr[j] * P.scale : kNegInf;
+      std::fill(sr + kb, sr + kTileKeys, kNegInf);
+      const float corr = softmax_tile_row<kLanes>(sr, m[r], l[r]);
       if (corr != 1.0f)
         for (int64_t c = 0; c < dim; ++c) o[r * dim + c] *= corr;
     }
-    tile_product(s, kTileKeys, v, dim, o, dim, rows, dim, kTileKeys);
+    // Padding rows (r >= R) have zero q, so zero scores and weights: they add nothing.
+    tile_product<kRows, kLanes, kCols>(s, kTileKeys, v, dim, o, dim, rows, dim, kTileKeys);
   }
 
   for (int64_t r = 0; r < R; ++r) {
@@ -177,8 +226,39 @@ void attend_group(const Problem& P, int64_t b, int64_t kvh, Scratch& w) {
   }
 }
 
+using GroupFn = void (*)(const Problem&, int64_t, int64_t, Scratch&);
+
+template <int DT>
+void attend_group_baseline(const Problem& P, int64_t b, int64_t kvh, Scratch& w) {
+  attend_group<DT, 3, 4, 16>(P, b, kvh, w);
+}
+
+#if defined(__x86_64__)
+template <int DT>
+__attribute__((target("avx2,fma"))) void attend_group_avx2(const Problem& P, int64_t b, int64_t kvh, Scratch& w) {
+  attend_group<DT, 6, 8, 16>(P, b, kvh, w);
+}
+
+template <int DT>
+__attribute__((target("avx512f"))) void attend_group_avx512(const Problem& P, int64_t b, int64_t kvh, Scratch& w) {
+  attend_group<DT, 6, 16, 32>(P, b, kvh, w);
+}
+#endif
+
+template <int DT>
+GroupFn pick_group_fn() {
+#if defined(__x86_64__)
+  static const bool avx512 = __builtin_cpu_supports("avx512f");
+  static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (avx512) return attend_group_avx512<DT>;
+  if (avx2) return attend_group_avx2<DT>;
+#endif
+  return attend_group_baseline<DT>;
+}
+
 template <int DT>
 void run(const Problem& P) {
+  const GroupFn attend = pick_group_fn<DT>();
   const int64_t tasks = P.B * P.Hkv;
   int64_t work = 0;  // multiply-adds, to decide whether threads pay off
   for (int64_t b = 0; b < P.B; ++b) work += tree_keys(P.prefix_len[b], P.S, P.W).key_end;
@@ -191,7 +271,7 @@ void run(const Problem& P) {
   for (int64_t t = 0; t < threads; ++t) scratch.emplace_back(P);
   std::atomic<int64_t> next{0};
   auto worker = [&](int64_t t) {
-    for (int64_t task; (task = next.fetch_add(1)) < tasks;) attend_group<DT>(P, task / P.Hkv, task % P.Hkv, scratch[t]);
+    for (int64_t task; (task = next.fetch_add(1)) < tasks;) attend(P, task / P.Hkv, task % P.Hkv, scratch[t]);
   };
   std::vector<std::thread> pool;
   try {

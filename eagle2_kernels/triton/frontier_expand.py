@@ -40,7 +40,7 @@ def _sanitize(x):
 @triton.jit
 def _pack(x, idx, valid):
     """int64 keys ordered like (x desc, idx asc); invalid lanes get the smallest key."""
-    # x = tl.where(x == 0.0, 0.0, x)  # -0.0 ties with +0.0, as in the reference's float compare
+    x = tl.where(x == 0.0, 0.0, x)  # -0.0 ties with +0.0, as in the reference's float compare
     bits = x.to(tl.int32, bitcast=True)
     ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # signed int with the float's order
     # ordered * 2^32 + (2^32 - 1 - idx): the low word is larger for a lower index.

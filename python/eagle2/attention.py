@@ -7,6 +7,8 @@ for the duration of our forwards (`target_forward`), so the model keeps its usua
 as extra keyword arguments of the model call, which transformers forwards to the attention
 function; the tree positions travel as position_ids. transformers builds no attention mask
 for an implementation it does not know, so the call costs no mask materialisation.
+Every layer attends to its full prefix: a model whose config enables sliding-window layers is
+exact only while the context fits in the window.
 """
 from __future__ import annotations
 

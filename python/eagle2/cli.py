@@ -93,7 +93,10 @@ def run_generate(args) -> int:
 
     import eagle2
 
-    gen = eagle2.load(args.target, args.draft, dtype=getattr(torch, args.dtype), device=args.device)
+    try:
+        gen = eagle2.load(args.target, args.draft, dtype=getattr(torch, args.dtype), device=args.device)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"eagle2 generate: {e}")
     opts = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                 seed=args.seed, method=args.method, total_tokens=args.total_tokens, depth=args.depth, topk=args.topk)
     streaming = not args.json and args.batch_size == 1 and args.method != "hf"

@@ -50,8 +50,8 @@ class Sampling:
 
 @dataclass
 class RowResult:
-    """What one prompt produced: generated ids, target forwards it took part in (the prefill
-    included), verify steps after the prefill and tokens they committed, wall seconds."""
+    """What one prompt produced: the generated ids, the target forwards it took part in (the
+    prefill included), wall seconds from the start of the call until it finished."""
 
     tokens: list[int] = field(default_factory=list)
     target_forwards: int = 0

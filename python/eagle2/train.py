@@ -10,7 +10,7 @@ on the answer tokens only (position j + 1 in the answer; soft targets: the targe
 distribution). The input features get uniform noise, as in EAGLE, so the head tolerates its own
 imperfect predictions when it drafts several levels deep. The target features and argmax
 tokens are computed once, in float32 with torch.no_grad, and cached next to the data
-(`features/`), so epochs cost only the head.
+(`features/` in each data folder), so epochs cost only the head.
 
 --draft-vocab N gives the head a reduced vocabulary (EAGLE-3 style): the N tokens it may
 propose are the target tokens most frequent in the training answers (then, for unseen ones,
@@ -71,7 +71,7 @@ def target_features(target, input_ids: torch.Tensor) -> tuple[torch.Tensor, torc
 
 
 def cache_features(target, conversations: list[Conversation], cache_dir: Path, target_tag: str,
-                   max_len: int, tokens_per_batch: int = 4096) -> list[Sequence]:
+                   max_len: int, tokens_per_batch: int = 2048) -> list[Sequence]:
     """Target features for every conversation, computed once and cached in `cache_dir`
     (float16 features + int32 argmax per chunk of conversations; resumable)."""
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -79,7 +79,7 @@ def cache_features(target, conversations: list[Conversation], cache_dir: Path, t
     meta = {"target": target_tag, "max_len": max_len, "tokens_per_batch": tokens_per_batch}
     if meta_path.exists() and json.loads(meta_path.read_text()) != meta:
         raise ValueError(f"{cache_dir} caches features of another target or setting "
-                         f"({meta_path.read_text().strip()}); delete it or pass another --feature-cache")
+                         f"({meta_path.read_text().strip()}); delete it to recompute")
     meta_path.write_text(json.dumps(meta) + "\n")
     convs = [Conversation(c.input_ids[:max_len], c.loss_mask[:max_len]) for c in conversations]
     chunk = 256  # conversations per cache file
@@ -243,11 +243,14 @@ def train(args: argparse.Namespace) -> TrainResult:
     device = torch.device(args.device)
     target, _ = load_target(args.target, dtype=torch.float32, device=device)
     target.requires_grad_(False)
-    conversations = load_shards(args.data)
-    cache = Path(args.feature_cache) if args.feature_cache else Path(args.data) / "features"
-    seqs = cache_features(target, conversations, cache, str(args.target or "default"), args.max_len)
-    n_eval = max(1, round(len(seqs) * args.eval_fraction)) if len(seqs) > 1 else 0
-    train_seqs, eval_seqs = seqs[:len(seqs) - n_eval], seqs[len(seqs) - n_eval:]
+    train_seqs, eval_seqs = [], []
+    for folder in args.data:
+        seqs = cache_features(target, load_shards(folder), Path(folder) / "features",
+                              str(args.target or "default"), args.max_len)
+        # Held out per folder, so that every data source is evaluated.
+        n_eval = max(1, round(len(seqs) * args.eval_fraction)) if len(seqs) > 1 and args.eval_fraction else 0
+        train_seqs += seqs[:len(seqs) - n_eval]
+        eval_seqs += seqs[len(seqs) - n_eval:]
     n_tokens = sum(int(s.loss_mask.sum()) for s in train_seqs)
     _log(f"{len(train_seqs)} training conversations ({sum(map(len, train_seqs))} tokens, {n_tokens} answer "
          f"tokens), {len(eval_seqs)} held out")
@@ -263,6 +266,15 @@ def train(args: argparse.Namespace) -> TrainResult:
                    if isinstance(t, int)}
             d2t = draft_vocab(train_seqs, args.draft_vocab, target.config.vocab_size, eos)
         head = DraftHead.for_target(target, init_from_last_layer=not args.random_init, d2t=d2t)
+        if not args.random_init:
+            # The copied layer's output projections write residual-stream-sized updates (the
+            # target's last layer sees un-normed states of large norm), which swamp the normed
+            # feature the head must predict (SmolLM2: feature loss 37 instead of 0.6). Zeroed,
+            # the head starts as the identity f_j -> f_j and the pretrained q/k/v/gate/up
+            # projections get gradients as soon as o_proj/down_proj move.
+            with torch.no_grad():
+                head.layers[0].self_attn.o_proj.weight.zero_()
+                head.layers[0].mlp.down_proj.weight.zero_()
     head.train()
     in_vocab = None
     if head.d2t is not None:
@@ -272,6 +284,9 @@ def train(args: argparse.Namespace) -> TrainResult:
         _log(f"draft vocabulary {len(head.d2t)}: covers {cover / max(1, sum(int(s.loss_mask.sum()) for s in eval_seqs)):.1%} "
              "of the held-out answer tokens")
 
+    # bfloat16 autocast: the head's matmuls (the draft lm_head above all) run several times
+    # faster on CPUs with AMX/AVX512-BF16; the weights and the optimizer stay float32.
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bfloat16")
     params = [p for p in head.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
     batches_per_epoch = len(_epoch_batches(train_seqs, args.tokens_per_batch, args.seed, 0))
@@ -295,7 +310,8 @@ def train(args: argparse.Namespace) -> TrainResult:
         if not eval_seqs:
             return {}
         head.eval()
-        ev = evaluate(head, eval_seqs, args.tokens_per_batch, args.ce_weight, in_vocab, device)
+        with autocast:
+            ev = evaluate(head, eval_seqs, args.tokens_per_batch, args.ce_weight, in_vocab, device)
         head.train()
         _log(f"step {step} eval: top-1 {ev['acc']:.3f}  vloss {ev['vloss']:.4f}  ce {ev['ce']:.3f}")
         return ev
@@ -309,8 +325,9 @@ def train(args: argparse.Namespace) -> TrainResult:
         batch_ids = epoch_batches[1][k]
         for g in opt.param_groups:
             g["lr"] = lr_at(step, total, args.warmup, args.lr)
-        loss, st = head_loss(head, _batch([train_seqs[i] for i in batch_ids], device), args.noise,
-                             args.ce_weight, in_vocab)
+        with autocast:
+            loss, st = head_loss(head, _batch([train_seqs[i] for i in batch_ids], device), args.noise,
+                                 args.ce_weight, in_vocab)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
@@ -348,10 +365,10 @@ def add_cli(subparsers) -> None:
     data_mod.add_cli(subparsers)
     p = subparsers.add_parser("train", help="train an EAGLE-1/2 draft head on `train-data` output",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", required=True, help="a `eagle2 train-data` output folder")
+    p.add_argument("--data", required=True, nargs="+",
+                   help="`eagle2 train-data` output folders (target features are cached in each, in features/)")
     p.add_argument("--out", required=True, help="output folder: the head (EAGLE layout) + checkpoint/ to resume")
     p.add_argument("--target", help="target checkpoint folder (default: the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--feature-cache", help="folder for the cached target features (default DATA/features)")
     p.add_argument("--draft-vocab", type=int, help="reduced draft vocabulary size N (d2t); default: the full vocabulary")
     p.add_argument("--random-init", action="store_true", help="do not start from the target's last decoder layer")
     p.add_argument("--epochs", type=int, default=4)
@@ -364,11 +381,13 @@ def add_cli(subparsers) -> None:
     p.add_argument("--grad-clip", type=float, default=0.5)
     p.add_argument("--noise", type=float, default=0.2, help="width of the uniform noise on input features")
     p.add_argument("--ce-weight", type=float, default=0.1, help="weight of the cross-entropy term")
-    p.add_argument("--eval-fraction", type=float, default=0.05, help="conversations held out for evaluation")
+    p.add_argument("--eval-fraction", type=float, default=0.05, help="conversations held out (of each folder)")
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--save-every", type=int, default=100)
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--max-minutes", type=float, help="stop (saving the head) after this much training time")
+    p.add_argument("--precision", default="bfloat16", choices=["bfloat16", "float32"],
+                   help="compute precision of the head's training steps (bfloat16 = autocast)")
     p.add_argument("--save-dtype", default="float16", choices=["float16", "bfloat16", "float32"])
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)

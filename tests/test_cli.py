@@ -1,0 +1,93 @@
+"""`eagle2 generate`: JSON and streamed output, prompt files, and clear errors. Uses a tiny
+random Llama saved with the default target's tokenizer, in float64 (exact)."""
+import json
+
+import pytest
+from loop_helpers import one_thread, random_head, tiny_target  # noqa: F401
+from transformers import AutoTokenizer
+
+from eagle2.cli import main
+from eagle2.model import default_target_dir
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    tokenizer = AutoTokenizer.from_pretrained(default_target_dir())
+    model = tiny_target(vocab=len(tokenizer), hidden=32, heads=2, kv_heads=1, layer_scale=0.5, eos=tokenizer.eos_token_id)
+    model.save_pretrained(root / "target")
+    tokenizer.save_pretrained(root / "target")
+    random_head(model).save_pretrained(root / "head")
+    (root / "prompts.jsonl").write_text(
+        json.dumps({"id": "a", "prompt": "Name three colours."}) + "\n\n"
+        + json.dumps({"id": "b", "prompt": "Count to five."}) + "\n")
+    return root
+
+
+def run(capsys, *argv):
+    assert main(list(argv)) == 0
+    return capsys.readouterr()
+
+
+def base(folders):
+    return ["--target", str(folders / "target"), "--draft", str(folders / "head"), "--dtype", "float64"]
+
+
+def test_json_lines_and_methods_agree(folders, capsys):
+    outs = {}
+    for method in ("eagle2", "vanilla", "hf"):
+        out = run(capsys, "generate", "--prompts", str(folders / "prompts.jsonl"), "--json", "--max-new-tokens", "6",
+                  "--method", method, "--total-tokens", "6", "--depth", "3", "--topk", "2", "--batch-size", "2",
+                  *base(folders))
+        outs[method] = [json.loads(line) for line in out.out.splitlines()]
+    rows = outs["eagle2"]
+    assert [r["id"] for r in rows] == ["a", "b"]
+    assert set(rows[0]) == {"id", "output_ids", "text", "new_tokens", "target_forwards", "tau", "seconds"}
+    assert all(r["new_tokens"] == len(r["output_ids"]) for r in rows)
+    for method in ("vanilla", "hf"):
+        assert [r["output_ids"] for r in outs[method]] == [r["output_ids"] for r in rows], method
+
+
+def test_limit_and_streamed_text(folders, capsys):
+    [row] = [json.loads(line) for line in run(capsys, "generate", "--prompts", str(folders / "prompts.jsonl"), "--limit",
+                                              "1", "--json", "--max-new-tokens", "8", *base(folders)).out.splitlines()]
+    streamed = run(capsys, "generate", "Name three colours.", "--max-new-tokens", "8", *base(folders))
+    assert streamed.out == row["text"] + "\n"
+    assert f"[eagle2] 0: {row['new_tokens']} tokens" in streamed.err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["generate"], "either a PROMPT or --prompts"),
+    (["generate", "hi", "--prompts", "x.jsonl"], "either a PROMPT or --prompts"),
+    (["generate", "--prompts", "PROMPTS", "--limit", "0"], "--limit must be >= 1"),
+    (["generate", "--prompts", "BAD"], "BAD:2: expected an object with a string 'prompt' field"),
+    (["generate", "hi", "--temperature", "-1"], "temperature"),
+    (["generate", "hi", "--topk", "0"], "topk"),
+])
+def test_bad_input_is_a_clear_error(folders, argv, message):
+    (folders / "bad.jsonl").write_text('{"prompt": "ok"}\n{"text": "no prompt"}\n')
+    argv = [{"PROMPTS": str(folders / "prompts.jsonl"), "BAD": str(folders / "bad.jsonl")}.get(a, a) for a in argv]
+    with pytest.raises(SystemExit, match=message.replace("BAD", ".*bad.jsonl")):
+        main(argv + base(folders))
+
+
+@pytest.mark.parametrize("argv", [["generate", "hi", "--method", "beam"], ["generate", "hi", "--bogus"], ["frobnicate"]])
+def test_unknown_options_exit_2(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    assert "error" in capsys.readouterr().err
+
+
+def test_help_lists_the_subcommands(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "generate" in capsys.readouterr().out
+
+
+def test_mismatched_draft_is_refused(folders, tmp_path):
+    other = tiny_target(vocab=50, hidden=32, heads=2, kv_heads=1)
+    random_head(other).save_pretrained(tmp_path / "head")
+    with pytest.raises(SystemExit, match="vocab_size 50 does not match"):
+        main(["generate", "hi", "--target", str(folders / "target"), "--draft", str(tmp_path / "head"),
+              "--dtype", "float64"])

@@ -1,0 +1,180 @@
+"""tree_attention: every backend against eagle2_kernels.reference on fresh random inputs (GQA
+groups, ragged prefixes including 0, verify-sized and draft-sized tree regions, ancestor-closed
+and arbitrary masks, bit 31, rows that see nothing, caches that cut the tree region), plus out=
+and argument checks."""
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import eagle2_kernels as ek
+from eagle2_kernels import reference
+
+CUDA = ek.backends()["cuda"] == "available"
+BACKENDS = ["cpu", "triton"] + (["cuda"] if CUDA else [])
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# Hypothesis examples per backend: the Triton CPU interpreter takes up to ~1 s per example.
+EXAMPLES = {"cpu": 80, "cuda": 80, "triton": 80 if torch.cuda.is_available() else 30}
+# float32: the kernels sum in another order than torch.matmul. float16 / bfloat16: the output is
+# rounded to the dtype (and the GPU kernels round the softmax weights to it before P @ V).
+TOL = {
+    torch.float32: dict(atol=2e-5, rtol=1e-5),
+    torch.float16: dict(atol=4e-3, rtol=4e-3),
+    torch.bfloat16: dict(atol=3e-2, rtol=3e-2),
+}
+
+
+def device_of(backend: str) -> torch.device:
+    return torch.device("cuda" if backend == "cuda" or (backend == "triton" and torch.cuda.is_available()) else "cpu")
+
+
+def pack_bits(visible: torch.Tensor) -> torch.Tensor:
+    """Bool [B, n, 32 * W] -> int32 mask words [B, n, W] (bit j % 32 of word j // 32)."""
+    B, n, bits = visible.shape
+    weights = torch.ones(32, dtype=torch.long) << torch.arange(32)
+    words = (visible.reshape(B, n, bits // 32, 32).long() * weights).sum(-1)
+    return torch.where(words >= 2**31, words - 2**32, words).int()
+
+
+def ancestor_rows(parents: list[int], queries: int) -> torch.Tensor:
+    """Bool [queries, T]: the ancestor-closed mask rows (node and its ancestors) of the last
+    `queries` of the T nodes, parents[j] < j (-1 for the root)."""
+    T = len(parents)
+    anc = torch.zeros(T, T, dtype=torch.bool)
+    for j, p in enumerate(parents):
+        if p >= 0:
+            anc[j] = anc[p]
+        anc[j, j] = True
+    return anc[T - queries:]
+
+
+def check(backend: str, q, k, v, bits, prefix_len, scale=None) -> torch.Tensor:
+    """Run backend on (copies of) the CPU inputs; compare with the reference. Rows that see no
+    key must be exactly zero."""
+    dev = device_of(backend)
+    out = ek.tree_attention(*(t.to(dev) for t in (q, k, v, bits, prefix_len)), scale, backend=backend)
+    assert out.dtype == q.dtype and out.shape == q.shape and out.device.type == dev.type
+    out = out.cpu()
+    d = q.shape[-1]
+    ref = reference.tree_attention(q, k, v, bits, prefix_len, d**-0.5 if scale is None else scale)
+    torch.testing.assert_close(out.float(), ref.float(), **TOL[q.dtype])
+    blind = ~reference.tree_mask_visible(bits, prefix_len, k.shape[2]).any(-1)  # [B, n]
+    assert torch.all(out.transpose(1, 2)[blind] == 0)
+    return out
+
+
+@st.composite
+def attention_inputs(draw):
+    """(q, k, v, tree_mask_bits, prefix_len, scale) on CPU."""
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**32 - 1)))
+    B, Hkv, group = draw(st.integers(1, 3)), draw(st.integers(1, 3)), draw(st.integers(1, 4))
+    n, d = draw(st.integers(1, 40)), draw(st.sampled_from([8, 16, 64]))
+    # Tree region: the n queries themselves (verify) or every node drafted so far (draft).
+    tree = n + draw(st.sampled_from([0, 0, 7, 45]))
+    W = (tree + 31) // 32 + draw(st.integers(0, 1))
+    prefix_len = torch.randint(0, draw(st.sampled_from([1, 30, 150])), (B,), generator=g)
+    if draw(st.booleans()):
+        prefix_len[torch.randint(0, B, (1,), generator=g)] = 0
+    # The cache may end inside the tree region: keys at or past S are never read, whatever the bits.
+    S = int(prefix_len.max()) + draw(st.integers(0, tree + 3))
+
+    kind = draw(st.sampled_from(["tree", "random", "sparse"]))
+    if kind == "tree":  # ancestor-closed rows of random trees, as rerank builds them
+        rows = []
+        for _ in range(B):
+            parents = [-1] + [int(torch.randint(0, j, (1,), generator=g)) for j in range(1, tree)]
+            rows.append(ancestor_rows(parents, n))
+        visible = torch.nn.functional.pad(torch.stack(rows), (0, 32 * W - tree))
+        bits = pack_bits(visible)
+    elif kind == "random":  # every bit pattern, bit 31 and bits past the tree included
+        bits = torch.randint(-(2**31), 2**31, (B, n, W), generator=g, dtype=torch.int64).int()
+    else:
+        bits = pack_bits(torch.rand(B, n, 32 * W, generator=g) < 0.1)
+    if draw(st.booleans()):  # rows that see no tree key (and nothing at all where prefix_len is 0)
+        bits[torch.rand(B, n, generator=g) < 0.3] = 0
+
+    dtype = draw(st.sampled_from(DTYPES))
+    amp = draw(st.sampled_from([1.0, 4.0]))  # 4: peaked softmax rows
+    q = (torch.randn(B, Hkv * group, n, d, generator=g) * amp).to(dtype)
+    k = torch.randn(B, Hkv, S, d, generator=g).to(dtype)
+    v = torch.randn(B, Hkv, S, d, generator=g).to(dtype)
+    scale = draw(st.sampled_from([None, 0.3]))
+    return q, k, v, bits, prefix_len.int(), scale
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_matches_reference(backend):
+    @settings(max_examples=EXAMPLES[backend])
+    @given(inputs=attention_inputs())
+    def run(inputs):
+        check(backend, *inputs)
+
+    run()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_long_ragged_prefixes(backend, dtype):
+    """Thousands of prefix keys (many tiles; several flash-decoding splits on CUDA), ragged."""
+    g = torch.Generator().manual_seed(1)
+    B, Hkv, group, n, d, S = 3, 2, 4, 12, 64, 2100
+    prefix_len = torch.tensor([2000, 700, 0], dtype=torch.int32)
+    parents = [-1] + [int(torch.randint(0, j, (1,), generator=g)) for j in range(1, n)]
+    bits = pack_bits(torch.nn.functional.pad(ancestor_rows(parents, n), (0, 32 - n)).expand(B, n, 32))
+    q = torch.randn(B, Hkv * group, n, d, generator=g).to(dtype)
+    k, v = (torch.randn(B, Hkv, S, d, generator=g).to(dtype) for _ in range(2))
+    check(backend, q, k, v, bits, prefix_len)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_single_visible_key_bit31(backend):
+    """With prefix 0, a query whose only bit is bit 31 of word 0 (or bit 0 of word 1) sees
+    exactly one key: its output is that key's value row."""
+    g = torch.Generator().manual_seed(2)
+    B, H, n, d, S = 1, 2, 40, 16, 64
+    words = torch.zeros(B, n, 2, dtype=torch.int32)
+    words[0, 0, 0] = -(2**31)  # bit 31: tree key 31
+    words[0, 1, 1] = 1  # bit 32: tree key 32
+    words[0, 2, 0] = -1  # all of keys 0..31
+    q = torch.randn(B, H, n, d, generator=g)
+    k, v = torch.randn(B, H, S, d, generator=g), torch.randn(B, H, S, d, generator=g)
+    out = check(backend, q, k, v, words, torch.zeros(B, dtype=torch.int32))
+    torch.testing.assert_close(out[0, :, 0], v[0, :, 31], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(out[0, :, 1], v[0, :, 32], atol=1e-6, rtol=1e-6)
+    assert torch.all(out[0, :, 3:] == 0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_out_preallocated(backend):
+    dev = device_of(backend)
+    g = torch.Generator().manual_seed(3)
+    B, Hkv, group, n, d, S = 2, 2, 2, 5, 16, 40
+    q = torch.randn(B, Hkv * group, n, d, generator=g)
+    k, v = torch.randn(B, Hkv, S, d, generator=g), torch.randn(B, Hkv, S, d, generator=g)
+    bits = pack_bits(torch.rand(B, n, 32, generator=g) < 0.5)
+    prefix_len = torch.tensor([30, 12], dtype=torch.int32)
+    out = torch.full((B, Hkv * group, n, d), float("nan"), device=dev)
+    args = [t.to(dev) for t in (q, k, v, bits, prefix_len)]
+    assert ek.tree_attention(*args, out=out, backend=backend) is out
+    ref = reference.tree_attention(q, k, v, bits, prefix_len, d**-0.5)
+    torch.testing.assert_close(out.cpu(), ref, **TOL[torch.float32])
+
+
+def test_bad_inputs_cpu():
+    B, H, n, d, S = 1, 4, 3, 8, 10
+    q, k, v = torch.randn(B, H, n, d), torch.randn(B, 2, S, d), torch.randn(B, 2, S, d)
+    bits, prefix_len = torch.zeros(B, n, 1, dtype=torch.int32), torch.tensor([4], dtype=torch.int32)
+    ek.tree_attention(q, k, v, bits, prefix_len, backend="cpu")  # the valid call the others break
+    with pytest.raises(ValueError, match="k_cache"):  # Hq % Hkv != 0
+        ek.tree_attention(torch.randn(B, 3, n, d), k, v, bits, prefix_len, backend="cpu")
+    with pytest.raises(ValueError, match="k_cache"):  # dtype mismatch
+        ek.tree_attention(q, k.half(), v, bits, prefix_len, backend="cpu")
+    with pytest.raises(ValueError, match="v_cache"):
+        ek.tree_attention(q, k, v.bfloat16(), bits, prefix_len, backend="cpu")
+    with pytest.raises(ValueError, match="q"):  # non-contiguous
+        ek.tree_attention(torch.randn(B, n, H, d).transpose(1, 2), k, v, bits, prefix_len, backend="cpu")
+    with pytest.raises(ValueError, match="prefix_len"):  # past the cache
+        ek.tree_attention(q, k, v, bits, torch.tensor([S + 1], dtype=torch.int32), backend="cpu")
+    with pytest.raises(ValueError, match="tree_mask_bits"):
+        ek.tree_attention(q, k, v, bits.long(), prefix_len, backend="cpu")
