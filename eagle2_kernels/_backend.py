@@ -11,6 +11,7 @@ validate torch tensors and pass `tensor.data_ptr()`.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import os
@@ -71,9 +72,15 @@ def native(backend: str):
     return mod
 
 
-def stream_of(t: torch.Tensor) -> int:
-    """The current CUDA stream handle for t's device (0 for CPU tensors)."""
-    return torch.cuda.current_stream(t.device).cuda_stream if t.is_cuda else 0
+def call_native(backend: str, op: str, like: torch.Tensor, *args) -> None:
+    """Run a native op on `like`'s device, appending that device's current stream handle
+    (0 for CPU), so kernels launch where the tensors live and stay stream-ordered."""
+    fn = getattr(native(backend), op)
+    if not like.is_cuda:
+        fn(*args, 0)
+        return
+    with torch.cuda.device(like.device):
+        fn(*args, torch.cuda.current_stream(like.device).cuda_stream)
 
 
 def resolve(op: str, device: torch.device, backend: str | None, supported: tuple[str, ...]) -> str:

@@ -263,7 +263,7 @@ def tree_attention(
     q [B, Hq, n, d]; k_cache, v_cache [B, Hkv, S, d] (Hq % Hkv == 0; query head h reads KV head
     h // (Hq // Hkv)); tree_mask_bits [B, n, W] int32; prefix_len [B] int32, ragged across the
     batch. Visibility is `tree_mask_visible`. Softmax in float32 (float64 for float64 inputs); the
-    output [B, Hq, n, d] has q's dtype. A query that sees no key gets zeros.
+    output [B, Hq, n, d] has q's dtype. A query that sees no key gets zeros; NaN in q, k or v propagates to the output.
     """
     B, Hq, n, d = q.shape
     Hkv, S = k_cache.shape[1], k_cache.shape[2]
@@ -274,7 +274,8 @@ def tree_attention(
     scores = torch.matmul(q.to(acc), k.transpose(-1, -2)) * scale  # [B, Hq, n, S]
     visible = tree_mask_visible(tree_mask_bits, prefix_len, S)[:, None]  # [B, 1, n, S]
     scores = scores.masked_fill(~visible, NEG_INF)
-    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # fully masked rows -> zeros
+    probs = torch.softmax(scores, dim=-1)
+    probs = torch.where(visible.any(-1, keepdim=True), probs, 0.0)  # fully masked rows -> zeros; NaN inputs propagate
     return torch.matmul(probs, v).to(q.dtype)
 
 

@@ -85,8 +85,8 @@ def test_out_of_range_copies_skipped(backend):
     dev = device_of(backend)
     got = cache.to(dev)
     args = [t.to(dev) for t in (prefix, accepted, accept_len)]
-    _backend.native(backend).kv_compact(got.data_ptr(), got.element_size(), 2, 3, 2, S, 4, args[0].data_ptr(),
-                                        args[1].data_ptr(), 4, args[2].data_ptr(), _backend.stream_of(got))
+    _backend.call_native(backend, "kv_compact", got, got.data_ptr(), got.element_size(), 2, 3, 2, S, 4,
+                         args[0].data_ptr(), args[1].data_ptr(), 4, args[2].data_ptr())
     assert torch.equal(got.cpu(), want)
 
 

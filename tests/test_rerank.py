@@ -230,8 +230,8 @@ def test_malformed_parents_read_as_root_children(backend):
     dev = device_of(backend)
     args = [t.to(dev) for t in (scores, parents, tokens, root, prefix)]
     out = reference.Tree(*(torch.empty_like(t, device=dev) for t in reference.rerank(scores, fixed, tokens, root, prefix, m)))
-    stream = _backend.stream_of(args[0])
-    _backend.native(backend).rerank(*(t.data_ptr() for t in args), B, N, m, m, *(t.data_ptr() for t in out), stream)
+    _backend.call_native(backend, "rerank", args[0], *(t.data_ptr() for t in args), B, N, m, m,
+                         *(t.data_ptr() for t in out))
     assert_trees_equal(out, reference.rerank(scores, fixed, tokens, root, prefix, m))
 
 

@@ -96,6 +96,7 @@ def test_greedy_matches_reference(backend, case):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # numpy in Triton's interpreter: x / t -> inf, then clamped
 @settings(max_examples=20)
 @given(
     case=cases(),

@@ -25,9 +25,9 @@
 
 #define E2K_INLINE inline __attribute__((always_inline))
 #if defined(__GNUC__) && !defined(__clang__)
-// Every function returning 8-lane vectors is always inlined into the AVX2 body, so the warning that
-// its out-of-line ABI differs without AVX does not apply. (Vector arguments are passed by
-// reference: GCC's note about their ABI ignores this pragma.)
+// Every function returning 8- or 16-lane vectors is always inlined into the AVX2 / AVX-512 body, so
+// the warning that its out-of-line ABI differs without AVX does not apply. (Vector arguments are
+// passed by reference: GCC's note about their ABI ignores this pragma.)
 #pragma GCC diagnostic ignored "-Wpsabi"
 #endif
 
@@ -47,13 +47,13 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 constexpr int64_t round_up(int64_t x, int64_t to) { return (x + to - 1) / to * to; }
 
-// Vectors of kLanes floats (F) and int32 masks (I). Memory is accessed through Unaligned, an
-// alias of F with float alignment (GCC and Clang let a float vector alias float).
+// Vectors of kLanes floats (F) and int32 masks (I). Memory is accessed through Unaligned: F with
+// float alignment, allowed to alias the float buffers (as the compilers' own __m256_u is).
 template <int64_t kLanes>
 struct Simd {
   typedef float F __attribute__((vector_size(kLanes * sizeof(float))));
   typedef int32_t I __attribute__((vector_size(kLanes * sizeof(float))));
-  typedef F Unaligned __attribute__((aligned(alignof(float))));
+  typedef F Unaligned __attribute__((aligned(alignof(float)), may_alias));
   static E2K_INLINE F load(const float* p) { return *reinterpret_cast<const Unaligned*>(p); }
   static E2K_INLINE void store(float* p, const F& v) { *reinterpret_cast<Unaligned*>(p) = v; }
   static E2K_INLINE F splat(float x) { return F{} + x; }
@@ -118,7 +118,8 @@ E2K_INLINE float softmax_tile_row(float* s, float& m, float& l) {
 // c[rows][cols] += a[rows][inner] . b[inner][cols] (row strides lda, ldb, ldc; rows a multiple of
 // kRows, cols of kCols). A kRows x kCols block of c stays in registers over the whole inner loop
 // and is updated from one row of b and kRows scalars of a per step; the instantiations below keep
-// kRows * kCols / kLanes = 12 accumulators, which fit the 16 vector registers of SSE2 and AVX2.
+// kRows * kCols / kLanes = 12 accumulators, which fit the 16 vector registers of SSE2 and AVX2
+// (AVX-512 has 32).
 template <int64_t kRows, int64_t kLanes, int64_t kCols>
 E2K_INLINE void tile_product(const float* a, int64_t lda, const float* b, int64_t ldb, float* c, int64_t ldc,
                              int64_t rows, int64_t cols, int64_t inner) {

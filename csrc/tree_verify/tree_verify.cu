@@ -213,6 +213,7 @@ struct SamplingNode {
   // Each pass reads entries other threads wrote in the previous one, hence the barriers.
   __device__ void enter(int64_t n) {
     const int64_t V = logits.V;
+    __syncthreads();  // w still holds the previous node's residual, read by try_child
     float mx = kNegInf;
     for (int64_t i = threadIdx.x; i < V; i += kThreads) {
       w[i] = verify_scaled_logit(logits(n, i), temperature);

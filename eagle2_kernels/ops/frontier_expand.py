@@ -60,9 +60,10 @@ def frontier_expand(
 
         frontier_expand_triton(logits, parent_scores, k, out)
     else:
-        _backend.native(name).frontier_expand(
+        _backend.call_native(
+            name, "frontier_expand", logits,
             logits.data_ptr(), DTYPE_CODE[logits.dtype], parent_scores.data_ptr(), B, K, V, k,
             out.child_tokens.data_ptr(), out.child_scores.data_ptr(),
-            out.frontier_index.data_ptr(), out.frontier_scores.data_ptr(), _backend.stream_of(logits),
+            out.frontier_index.data_ptr(), out.frontier_scores.data_ptr(),
         )
     return out

@@ -44,9 +44,10 @@ def kv_compact(
     if name == "reference":
         reference.kv_compact(cache, prefix_len, accepted, accept_len)
     else:
-        _backend.native(name).kv_compact(
+        _backend.call_native(
+            name, "kv_compact", cache,
             cache.data_ptr(), cache.element_size(), N, B, H, S, d,
-            prefix_len.data_ptr(), accepted.data_ptr(), L, accept_len.data_ptr(), _backend.stream_of(cache),
+            prefix_len.data_ptr(), accepted.data_ptr(), L, accept_len.data_ptr(),
         )
 
 

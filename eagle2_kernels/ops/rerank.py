@@ -78,11 +78,12 @@ def rerank(
         for o, r in zip(out, reference.rerank(cand_scores, cand_parents, cand_tokens, root_tokens, prefix_len, m, L - 1)):
             o.copy_(r)
         return out
-    _backend.native(name).rerank(
+    _backend.call_native(
+        name, "rerank", cand_scores,
         cand_scores.data_ptr(), cand_parents.data_ptr(), cand_tokens.data_ptr(),
         root_tokens.data_ptr(), prefix_len.data_ptr(), B, N, m, L,
         out.tokens.data_ptr(), out.parents.data_ptr(), out.depth.data_ptr(), out.positions.data_ptr(),
-        out.mask_bits.data_ptr(), out.paths.data_ptr(), out.num_leaves.data_ptr(), _backend.stream_of(cand_scores),
+        out.mask_bits.data_ptr(), out.paths.data_ptr(), out.num_leaves.data_ptr(),
     )
     if dev.type == "cpu" and int(out.depth.max()) > L - 1:
         check.fail("max_depth", f">= {int(out.depth.max())} (the deepest kept node)", L - 1)

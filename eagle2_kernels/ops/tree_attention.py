@@ -64,9 +64,10 @@ def tree_attention(
 
         tree_attention_triton(q, k_cache, v_cache, tree_mask_bits, prefix_len, scale, out)
     else:
-        _backend.native(name).tree_attention(
+        _backend.call_native(
+            name, "tree_attention", q,
             q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), DTYPE_CODE[q.dtype],
             tree_mask_bits.data_ptr(), prefix_len.data_ptr(), B, Hq, Hkv, n, S, d, W, scale,
-            out.data_ptr(), _backend.stream_of(q),
+            out.data_ptr(),
         )
     return out

@@ -91,10 +91,10 @@ def tree_verify(
     else:
         # Sampling keeps each row's residual distribution in a [B, V] float32 workspace.
         workspace = torch.empty((B, V) if sampling else (1,), dtype=torch.float32, device=dev)
-        _backend.native(name).tree_verify(
+        _backend.call_native(
+            name, "tree_verify", tokens,
             tokens.data_ptr(), parents.data_ptr(), target_logits.data_ptr(), DTYPE_CODE[target_logits.dtype],
             B, m, V, L, temperature, top_p, top_k, uniforms.data_ptr() if sampling else 0,
             workspace.data_ptr(), out.accepted.data_ptr(), out.accept_len.data_ptr(), out.bonus.data_ptr(),
-            _backend.stream_of(tokens),
         )
     return out

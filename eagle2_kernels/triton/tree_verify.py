@@ -153,6 +153,7 @@ def _top_p_threshold(w, V, top_p, BLOCK: tl.constexpr):
 def _sampling_probs(row, w, V, temperature, top_p, top_k, BLOCK: tl.constexpr):
     """reference.sampling_probs of the logits row[0..V) into w[0..V); returns its total (the
     float32 sum, as a float64 like the reference's Python float)."""
+    tl.debug_barrier()  # w still holds the previous node's residual, read by the child tries
     mx = tl.full((), float("-inf"), tl.float32)
     for start in range(0, V, BLOCK):
         offs = start + tl.arange(0, BLOCK)
@@ -269,6 +270,7 @@ def _tree_verify_kernel(
                         nxt = c
                     else:
                         total -= px.to(tl.float64)
+                        tl.debug_barrier()  # every thread has read w[x] (scalars are per thread)
                         tl.store(w + x, 0.0, mask=ok)
                         tl.debug_barrier()
             c += 1
