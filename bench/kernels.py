@@ -109,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
             rows.append(row)
             print(fmt.format(case.op, case.shape, impl, f"{ms:.4f}",
                              "" if row["speedup"] is None else f"{row['speedup']:.2f}x",
-                             "" if gbs is None else f"{gbs:.1f}", "" if pct is None else f"{pct:.0f}%"))
+                             "" if gbs is None else f"{gbs:.1f}" if gbs >= 1 else f"{gbs:.3f}", "" if pct is None else f"{pct:.0f}%"))
 
     if args.json:
         out = Path(args.json)

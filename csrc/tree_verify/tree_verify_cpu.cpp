@@ -2,7 +2,9 @@
 // decision (argmax or sampling distribution) is computed only at the nodes the walk visits.
 // Semantics: eagle2_kernels.reference.tree_verify; shared rules: tree_verify.h.
 #include <algorithm>
+#include <array>
 #include <cmath>
+#include <cstring>
 #include <functional>
 #include <limits>
 #include <thread>
@@ -52,17 +54,17 @@ void keep_top_k(float* x, int64_t V, int64_t k, std::vector<float>& scratch) {
 
 // The top_p boundary: the smallest probability v whose strictly larger tokens hold mass
 // `above` < top_p, and how many tokens equal v. Every token above v is kept, the ones below
-// are not, and verify_top_p_ties_kept decides the ties. Weighted quickselect on a[0..n)
-// (reordered): expected O(n), no sort.
+// are not, and verify_top_p_ties_kept decides the ties.
 struct TopPBoundary {
   float v;
   double above;
   int64_t n_eq;
 };
 
-TopPBoundary top_p_boundary(float* a, int64_t n, float top_p) {
-  double above = 0.0;  // mass of the values above a[lo..hi), all kept; invariant: < top_p
-  int64_t lo = 0, hi = n;
+// Weighted quickselect on a[0..n) (reordered; expected O(n), no sort), given that the values
+// above all of a[] hold mass `above` < top_p and that a[] holds the boundary.
+TopPBoundary top_p_boundary(float* a, int64_t n, float top_p, double above) {
+  int64_t lo = 0, hi = n;  // invariant: the boundary is in a[lo..hi), `above` the mass over it
   for (;;) {
     float q0 = a[lo], q1 = a[lo + (hi - lo) / 2], q2 = a[hi - 1];
     const float q = std::max(std::min(q0, q1), std::min(std::max(q0, q1), q2));  // median of three
@@ -92,12 +94,33 @@ TopPBoundary top_p_boundary(float* a, int64_t n, float top_p) {
   }
 }
 
-// Zeroes the tokens outside the top_p set of the distribution p[0..V) and renormalises.
+// Zeroes the tokens outside the top_p set of the distribution p[0..V) and renormalises. A
+// radix pass first narrows the boundary to one bucket of values (the top bits of a
+// non-negative float order it like its value), so the quickselect only sees that bucket.
 void keep_top_p(float* p, int64_t V, float top_p, std::vector<float>& scratch) {
+  constexpr int kShift = 20;  // 2048 buckets: exponent and 3 mantissa bits
+  auto bucket = [](float x) {
+    uint32_t u;
+    std::memcpy(&u, &x, sizeof u);
+    return u >> kShift;
+  };
+  std::array<double, (size_t(1) << (31 - kShift))> mass{};  // sign bit 0
+  for (int64_t i = 0; i < V; ++i) mass[bucket(p[i])] += p[i];
+  // The boundary's bucket: the lowest one with mass whose larger buckets hold mass < top_p.
+  double above = 0.0, above_pick = 0.0;
+  uint32_t pick = 0;
+  for (size_t k = mass.size(); k-- > 0;) {
+    if (mass[k] > 0.0) {
+      if (above >= top_p) break;
+      pick = uint32_t(k);
+      above_pick = above;
+    }
+    above += mass[k];
+  }
   scratch.clear();
   for (int64_t i = 0; i < V; ++i)
-    if (p[i] > 0.0f) scratch.push_back(p[i]);  // zero mass never decides the boundary
-  const TopPBoundary bd = top_p_boundary(scratch.data(), int64_t(scratch.size()), top_p);
+    if (p[i] > 0.0f && bucket(p[i]) == pick) scratch.push_back(p[i]);
+  const TopPBoundary bd = top_p_boundary(scratch.data(), int64_t(scratch.size()), top_p, above_pick);
   int64_t ties = verify_top_p_ties_kept(bd.above, bd.v, bd.n_eq, top_p);
   double kept = 0.0;
   for (int64_t i = 0; i < V; ++i) {

@@ -98,6 +98,7 @@ def _radix_select(w, V, goal, MASS: tl.constexpr, BLOCK: tl.constexpr):
     MASS=True: the smallest key t of an entry with mass whose strictly larger entries hold mass
     < goal (entries are probabilities). Each pass histograms the next digit of the entries that
     share the digits chosen so far (count or mass per digit) and picks the digit holding t.
+    The chunks are [16, BLOCK] one-hot tiles, so callers pass a smaller BLOCK than elsewhere.
     """
     digits = tl.arange(0, 16)
     prefix = tl.full((), 0, tl.int64)  # the chosen digits of the unsigned key (key + 2**31)
@@ -125,20 +126,20 @@ def _radix_select(w, V, goal, MASS: tl.constexpr, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _top_k_threshold(w, V, k, BLOCK: tl.constexpr):
+def _top_k_threshold(w, V, k, BLOCK: tl.constexpr, RBLOCK: tl.constexpr):
     """(t, cut) such that _keep selects the k largest of w[0..V), ties to the lower ids."""
-    t = _radix_select(w, V, k, False, BLOCK)
+    t = _radix_select(w, V, k, False, RBLOCK)
     n_gt, _, _ = _stats_above(w, V, t, BLOCK)
     return t, _nth_equal(w, V, t, k - n_gt, BLOCK)
 
 
 @triton.jit
-def _top_p_threshold(w, V, top_p, BLOCK: tl.constexpr):
+def _top_p_threshold(w, V, top_p, BLOCK: tl.constexpr, RBLOCK: tl.constexpr):
     """(t, cut) such that _keep selects reference.sampling_probs' top_p set of the distribution
     w[0..V). Everything above the boundary key t is kept, everything below is not; the r-th tie
     at t (id order) is preceded by mass fl32(fl32(above + (r + 1) v) - v), as torch computes
     `cumsum - p`, and is kept iff that is < top_p."""
-    t = _radix_select(w, V, top_p, True, BLOCK)
+    t = _radix_select(w, V, top_p, True, RBLOCK)
     _, n_eq, above = _stats_above(w, V, t, BLOCK)
     v = t.to(tl.int32).to(tl.float32, bitcast=True)
     kept = tl.full((), 0, tl.int32)
@@ -150,7 +151,7 @@ def _top_p_threshold(w, V, top_p, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _sampling_probs(row, w, V, temperature, top_p, top_k, BLOCK: tl.constexpr):
+def _sampling_probs(row, w, V, temperature, top_p, top_k, BLOCK: tl.constexpr, RBLOCK: tl.constexpr):
     """reference.sampling_probs of the logits row[0..V) into w[0..V); returns its total (the
     float32 sum, as a float64 like the reference's Python float)."""
     tl.debug_barrier()  # w still holds the previous node's residual, read by the child tries
@@ -172,7 +173,7 @@ def _sampling_probs(row, w, V, temperature, top_p, top_k, BLOCK: tl.constexpr):
         t = tl.full((), -2147483648, tl.int64)  # below every key: keep all
         cut = V
         if (top_k > 0) & (top_k < V):
-            t, cut = _top_k_threshold(w, V, top_k, BLOCK)
+            t, cut = _top_k_threshold(w, V, top_k, BLOCK, RBLOCK)
         tl.debug_barrier()
         norm = tl.full((), 0.0, tl.float64)
         for start in range(0, V, BLOCK):
@@ -184,7 +185,7 @@ def _sampling_probs(row, w, V, temperature, top_p, top_k, BLOCK: tl.constexpr):
             norm += tl.sum(e.to(tl.float64), 0)
         _normalize(w, V, norm.to(tl.float32), BLOCK)
         if top_p < 1.0:
-            t, cut = _top_p_threshold(w, V, top_p, BLOCK)
+            t, cut = _top_p_threshold(w, V, top_p, BLOCK, RBLOCK)
             tl.debug_barrier()
             norm = tl.full((), 0.0, tl.float64)
             for start in range(0, V, BLOCK):
@@ -238,7 +239,7 @@ def _sample_from(w, V, total, u, BLOCK: tl.constexpr):
 def _tree_verify_kernel(
     tokens, parents, logits, uniforms, work, accepted, accept_len, bonus,
     m, V, L, temperature, top_p, top_k,
-    GREEDY: tl.constexpr, BLOCK: tl.constexpr,
+    GREEDY: tl.constexpr, BLOCK: tl.constexpr, RBLOCK: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     tok = tokens + b * m
@@ -253,7 +254,7 @@ def _tree_verify_kernel(
     if GREEDY:
         target = _row_argmax(rows, V, BLOCK)
     else:
-        total = _sampling_probs(rows, w, V, temperature, top_p, top_k, BLOCK)
+        total = _sampling_probs(rows, w, V, temperature, top_p, top_k, BLOCK, RBLOCK)
     going = n < L
     while going:
         nxt = tl.full((), -1, tl.int32)
@@ -282,7 +283,7 @@ def _tree_verify_kernel(
             if GREEDY:
                 target = _row_argmax(node, V, BLOCK)
             else:
-                total = _sampling_probs(node, w, V, temperature, top_p, top_k, BLOCK)
+                total = _sampling_probs(node, w, V, temperature, top_p, top_k, BLOCK, RBLOCK)
         going = (nxt >= 0) & (n < L)
 
     for start in range(0, L, BLOCK):
@@ -318,5 +319,6 @@ def tree_verify_triton(
         tokens, parents, target_logits, tokens if greedy else uniforms, work,
         out.accepted, out.accept_len, out.bonus,
         m, V, L, 1.0 if greedy else float(temperature), float(top_p), int(top_k),
-        GREEDY=greedy, BLOCK=min(triton.next_power_of_2(V), 1024), num_warps=8,
+        GREEDY=greedy, BLOCK=min(triton.next_power_of_2(V), 1024), RBLOCK=min(triton.next_power_of_2(V), 256),
+        num_warps=8,
     )

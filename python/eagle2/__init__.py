@@ -80,8 +80,9 @@ class Generator:
         """Decode a batch of prompts (str or token-id lists, or a single str).
 
         method: "eagle2" | "vanilla" | "hf". total_tokens / depth / topk override the tree
-        shape (m nodes per tree including the root, deepest draft level, children per node).
-        seed makes sampling reproducible. stream(index, new_token_ids) is called as tokens are
+        shape (m nodes per tree including the root, deepest draft level, children per node);
+        total_tokens "auto" (or a Generator built with shape="auto") picks all three from
+        measured costs (eagle2.autotune). seed makes sampling reproducible. stream(index, new_token_ids) is called as tokens are
         committed (eagle2 and vanilla). Returns one Result per prompt, in order.
         """
         if method not in METHODS:
@@ -90,8 +91,13 @@ class Generator:
             prompts = [prompts]
         ids = [self.encode(p) for p in prompts]
         sampling = Sampling(temperature, top_p, top_k)
-        shape = TreeShape(*(self_v if v is None else v for v, self_v in
-                            zip((total_tokens, depth, topk), (self.shape.total_tokens, self.shape.depth, self.shape.topk))))
+        base = self.shape
+        if method == "eagle2" and self.head is not None and "auto" in (base, total_tokens):
+            from .autotune import tuned_shape  # measured once per machine/model/head, then cached
+
+            base, total_tokens = tuned_shape(self, temperature), None
+        shape = None if "auto" in (base, total_tokens) else TreeShape(*(self_v if v is None else v for v, self_v in
+                                                        zip((total_tokens, depth, topk), (base.total_tokens, base.depth, base.topk))))
         if method == "hf":
             pad = getattr(self.tokenizer, "pad_token_id", None)
             pad = pad if pad is not None else min(self.eos_ids, default=0)

@@ -22,7 +22,6 @@ vanilla's, token for token.
 from __future__ import annotations
 
 import datetime
-import hashlib
 import json
 import os
 import platform
@@ -91,7 +90,7 @@ def load_items(path: str, limit: int | None = None, per_category: int | None = N
 
 
 def run_bench(gen, items: list[dict], methods: list[Method], *, max_new_tokens: int = 64, temperature: float = 0.0,
-              seed: int = 0, warmup_tokens: int = 8, progress=sys.stderr) -> dict:
+              seed: int = 0, warmup_tokens: int = 8, progress: bool = True) -> dict:
     """Run every method on every item, interleaved per prompt with the order rotated; return
     {"rows": per (prompt, method) dicts, "summary": {group: {method: stats}}, "shapes": ...}."""
     if not items:
@@ -115,10 +114,10 @@ def run_bench(gen, items: list[dict], methods: list[Method], *, max_new_tokens: 
             if temperature == 0 and ref is not None:
                 row["same_as_vanilla"] = r["tokens"] == ref["tokens"]
             rows.append(row)
-        if progress is not None:
+        if progress:
             done = ", ".join(f"{m.label} {out[m.label]['new_tokens'] / out[m.label]['seconds']:.1f}" for m in methods)
             print(f"[bench] {i + 1}/{len(items)} {item['id']} ({time.perf_counter() - t0:.0f} s): {done} tokens/s",
-                  file=progress, flush=True)
+                  file=sys.stderr, flush=True)
     return {"rows": rows, "summary": summarise(rows, [m.label for m in methods]),
             "shapes": {k: list(v) for k, v in shapes.items()}}
 
@@ -207,17 +206,21 @@ def summarise(rows: list[dict], labels: list[str]) -> dict:
     return summary
 
 
-def format_table(summary: dict) -> str:
-    """A plain-text table: one line per group and method."""
-    head = f"{'group':<11} {'method':<18} {'tok/s':>7} {'tau':>5} {'x vanilla':>9} {'x hf':>6} {'same':>5}"
-    lines = [head, "-" * len(head)]
+def format_table(summary: dict, markdown: bool = False) -> str:
+    """A table with one line per group and method: plain text, or a Markdown table."""
+    cols = ("group", "method", "tok/s", "tau", "x vanilla", "x hf", "same as vanilla")
+    lines = []
     for g, stats in summary.items():
         for label, s in stats.items():
-            fmt = lambda key, spec: format(s[key], spec) if key in s else "-"  # noqa: E731
+            fmt = lambda key: f"{s[key]:.2f}" if key in s else "-"  # noqa: E731
             same = f"{s['same_as_vanilla']:.0%}" if "same_as_vanilla" in s else "-"
-            lines.append(f"{g:<11} {label:<18} {s['tokens_per_s']:>7.2f} {s['tau']:>5.2f} "
-                         f"{fmt('speedup_vs_vanilla', '9.2f'):>9} {fmt('speedup_vs_hf', '6.2f'):>6} {same:>5}")
-    return "\n".join(lines)
+            lines.append((g, label, f"{s['tokens_per_s']:.2f}", f"{s['tau']:.2f}", fmt("speedup_vs_vanilla"),
+                          fmt("speedup_vs_hf"), same))
+    if markdown:
+        return "\n".join("| " + " | ".join(r) + " |" for r in [cols, ("---",) * 2 + ("---:",) * 5, *lines])
+    widths = [max(len(r[i]) for r in [cols, *lines]) for i in range(len(cols))]
+    fmt_row = lambda r: "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
+    return "\n".join([fmt_row(cols), "-" * (sum(widths) + 2 * (len(cols) - 1)), *map(fmt_row, lines)])
 
 
 def environment(gen=None) -> dict:
@@ -241,17 +244,10 @@ def environment(gen=None) -> dict:
         env["target"] = str(getattr(gen.model.config, "_name_or_path", "") or type(gen.model).__name__)
         env["dtype"] = str(next(gen.model.parameters()).dtype).removeprefix("torch.")
         if gen.head is not None:
+            from .autotune import head_digest
+
             env["head_sha256"] = head_digest(gen.head)
     return env
-
-
-def head_digest(head) -> str:
-    """sha256 of a draft head's weights (identifies which trained head was measured)."""
-    h = hashlib.sha256()
-    for k, v in sorted(head.state_dict().items()):
-        h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().view(-1).view(dtype=__import__("torch").uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 def add_cli(sub) -> None:

@@ -49,7 +49,8 @@ def add_cli(sub) -> None:
     p.add_argument("--top-p", type=float, default=1.0, metavar="P")
     p.add_argument("--top-k", type=int, default=0, metavar="K", help="0 = off")
     p.add_argument("--seed", type=int, metavar="S")
-    p.add_argument("--total-tokens", type=int, metavar="M", help="tree size m, root included")
+    p.add_argument("--total-tokens", type=tree_size, metavar="M|auto",
+                   help="tree size m, root included; 'auto' = chosen from measured costs (eagle2.autotune)")
     p.add_argument("--depth", type=int, metavar="D", help="deepest draft level")
     p.add_argument("--topk", type=int, metavar="K", help="draft children per expanded node")
     p.add_argument("--target", metavar="PATH", help="local HF checkpoint folder (default: embedded SmolLM2-135M-Instruct)")
@@ -59,6 +60,11 @@ def add_cli(sub) -> None:
     p.add_argument("--batch-size", type=int, default=1, metavar="B", help="prompts decoded together")
     p.add_argument("--json", action="store_true", help="one JSON object per prompt instead of streamed text")
     p.set_defaults(func=run_generate)
+
+
+def tree_size(text: str):
+    """--total-tokens: an int or 'auto'."""
+    return text if text == "auto" else int(text)
 
 
 def read_prompts(path: str, limit: int | None) -> list[tuple[str, str]]:

@@ -4,8 +4,10 @@ The target answers training prompts in its own chat template; a draft head train
 target's own answers learns the distribution it will have to predict at decode time. Each shard
 (`shard-NNNNN.safetensors`, a fixed slice of a seeded prompt order) holds the token ids of its
 conversations concatenated, their offsets and a loss mask that is 1 on the assistant's tokens
-only. Shards are written atomically, so an interrupted run resumes by skipping the shards that
-exist; `meta.json` records the settings and a resumed run must use the same ones.
+only. Mode "text" instead stores the prompt itself as plain text, all of it trained on: the
+target's features still supply the targets, and text costs no generation (cheap extra data).
+Shards are written atomically, so an interrupted run resumes by skipping the shards that exist;
+`meta.json` records the settings and a resumed run must use the same ones.
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from eagle2.model import chat_prompt_ids, load_target
 
 DEFAULT_PROMPTS = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "train_prompts.jsonl"
-MODES = ("greedy", "sample")
+MODES = ("greedy", "sample", "text")
 # Prompts are shuffled, then sorted by source and length inside windows of this many batches:
 # batches of similar prompts waste less padding and finish together, yet every stretch of the
 # order still mixes sources.
@@ -115,18 +117,25 @@ def save_shard(path: Path, conversations: list[Conversation], meta: dict) -> Non
     os.replace(tmp, path)
 
 
-def load_shards(data_dir: str | Path) -> list[Conversation]:
-    """All conversations of a `train-data` output folder, in shard order."""
+def shard_paths(data_dir: str | Path) -> list[Path]:
+    """The shards of a `train-data` output folder, in order."""
     paths = sorted(Path(data_dir).glob("shard-*.safetensors"))
     if not paths:
         raise FileNotFoundError(f"no shard-*.safetensors in {str(data_dir)!r} (run `eagle2 train-data`)")
-    conversations = []
-    for path in paths:
-        t = load_file(str(path))
-        offsets = t["offsets"].tolist()
-        for a, b in zip(offsets[:-1], offsets[1:]):
-            conversations.append(Conversation(t["input_ids"][a:b].long(), t["loss_mask"][a:b].bool()))
-    return conversations
+    return paths
+
+
+def read_shard(path: Path) -> list[Conversation]:
+    """The conversations of one shard."""
+    t = load_file(str(path))
+    offsets = t["offsets"].tolist()
+    return [Conversation(t["input_ids"][a:b].long(), t["loss_mask"][a:b].bool())
+            for a, b in zip(offsets[:-1], offsets[1:])]
+
+
+def load_shards(data_dir: str | Path) -> list[Conversation]:
+    """All conversations of a `train-data` output folder, in shard order."""
+    return [c for path in shard_paths(data_dir) for c in read_shard(path)]
 
 
 def _check_meta(out: Path, meta: dict) -> None:
@@ -142,7 +151,8 @@ def _check_meta(out: Path, meta: dict) -> None:
         path.write_text(json.dumps(meta, indent=1) + "\n")
 
 
-def _fmt_s(seconds: float) -> str:
+def fmt_seconds(seconds: float) -> str:
+    """h:mm:ss, for progress lines."""
     seconds = int(seconds)
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
@@ -181,8 +191,15 @@ def build_dataset(args: argparse.Namespace) -> None:
         torch.manual_seed(args.seed * 1_000_003 + i)  # resumed shards sample the same way
         conversations = []
         for b in range(0, len(records), args.batch_size):
-            prompts = [chat_prompt_ids(tokenizer, r["prompt"]) for r in records[b:b + args.batch_size]]
+            batch = records[b:b + args.batch_size]
+            prompts = [chat_prompt_ids(tokenizer, r["prompt"]) for r in batch]
             for mode in modes:
+                if mode == "text":
+                    for r in batch:
+                        ids = tokenizer(r["prompt"]).input_ids
+                        conversations.append(Conversation(torch.tensor(ids), torch.ones(len(ids), dtype=torch.bool)))
+                        new_tokens += len(ids)
+                    continue
                 answers = generate_answers(model, tokenizer, prompts, args.max_new_tokens, mode,
                                            args.temperature, args.top_p)
                 for p, a in zip(prompts, answers):
@@ -194,7 +211,7 @@ def build_dataset(args: argparse.Namespace) -> None:
             remaining = sum(len(order[j * args.shard_size:(j + 1) * args.shard_size]) for j in todo[shard_no:])
             remaining -= b + len(prompts)
             print(f"[train-data] shard {i + 1}/{n_shards}  prompts {prompts_done}  answer tokens "
-                  f"{new_tokens} ({new_tokens / (time.time() - start):.1f}/s)  ETA {_fmt_s(remaining / rate)}",
+                  f"{new_tokens} ({new_tokens / (time.time() - start):.1f}/s)  ETA {fmt_seconds(remaining / rate)}",
                   file=sys.stderr, flush=True)
         save_shard(out / f"shard-{i:05d}.safetensors", conversations,
                    {"ids": [r.get("id") for r in records], "modes": modes})
@@ -214,7 +231,9 @@ def add_cli(subparsers) -> None:
     p.add_argument("--max-new-tokens", type=int, default=192)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--shard-size", type=int, default=64, help="prompts per shard")
-    p.add_argument("--modes", default="greedy", help="comma list of greedy,sample: one answer per mode")
+    p.add_argument("--modes", default="greedy",
+                   help="comma list of greedy,sample,text: one conversation per prompt and mode; text = the "
+                        "prompt itself as plain text, every token trained on (cheap extra data, no generation)")
     p.add_argument("--temperature", type=float, default=0.7, help="for sample mode")
     p.add_argument("--top-p", type=float, default=0.95, help="for sample mode")
     p.add_argument("--seed", type=int, default=0)

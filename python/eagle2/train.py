@@ -36,18 +36,13 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from eagle2 import data as data_mod
-from eagle2.data import Conversation, load_shards
+from eagle2.data import Conversation, fmt_seconds, read_shard, shard_paths
 from eagle2.draft import DraftHead
 from eagle2.model import load_target
 
 
 def _log(msg: str) -> None:
     print(f"[train] {msg}", file=sys.stderr, flush=True)
-
-
-def _fmt_s(seconds: float) -> str:
-    seconds = int(seconds)
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
 class Sequence:
@@ -70,40 +65,39 @@ def target_features(target, input_ids: torch.Tensor) -> tuple[torch.Tensor, torc
     return hidden, target.get_output_embeddings()(hidden).argmax(-1)
 
 
-def cache_features(target, conversations: list[Conversation], cache_dir: Path, target_tag: str,
-                   max_len: int, tokens_per_batch: int = 2048) -> list[Sequence]:
-    """Target features for every conversation, computed once and cached in `cache_dir`
-    (float16 features + int32 argmax per chunk of conversations; resumable)."""
-    cache_dir.mkdir(parents=True, exist_ok=True)
+def load_sequences(target, data_dir: str | Path, target_tag: str, max_len: int,
+                   tokens_per_batch: int = 2048) -> list[Sequence]:
+    """The conversations of a `train-data` folder (cut to max_len tokens) with their target
+    features, computed once per data shard and cached in data_dir/features/ (float16
+    features + int32 argmax); a folder that grew gets features for its new shards only."""
+    cache_dir = Path(data_dir) / "features"
+    cache_dir.mkdir(exist_ok=True)
     meta_path = cache_dir / "meta.json"
-    meta = {"target": target_tag, "max_len": max_len, "tokens_per_batch": tokens_per_batch}
+    meta = {"target": target_tag, "max_len": max_len}
     if meta_path.exists() and json.loads(meta_path.read_text()) != meta:
         raise ValueError(f"{cache_dir} caches features of another target or setting "
                          f"({meta_path.read_text().strip()}); delete it to recompute")
     meta_path.write_text(json.dumps(meta) + "\n")
-    convs = [Conversation(c.input_ids[:max_len], c.loss_mask[:max_len]) for c in conversations]
-    chunk = 256  # conversations per cache file
     out, start, done_tokens = [], time.time(), 0
-    total_tokens = sum(len(c.input_ids) for c in convs)
-    for c0 in range(0, len(convs), chunk):
-        part = convs[c0:c0 + chunk]
-        path = cache_dir / f"chunk-{c0 // chunk:05d}.safetensors"
-        lengths = torch.tensor([len(c.input_ids) for c in part])
+    paths = shard_paths(data_dir)
+    for k, shard in enumerate(paths):
+        convs = [Conversation(c.input_ids[:max_len], c.loss_mask[:max_len]) for c in read_shard(shard)]
+        lengths = torch.tensor([len(c.input_ids) for c in convs])
+        path = cache_dir / shard.name
         if path.exists():
             t = load_file(str(path))
             if not torch.equal(t["lengths"], lengths):
-                raise ValueError(f"{path} does not match the data (the data changed?): delete {cache_dir}")
+                raise ValueError(f"{path} does not match its data shard {shard}: delete it to recompute")
             feats, argmax = t["features"], t["argmax"]
         else:
-            feats, argmax = _features_of(target, part, tokens_per_batch)
+            feats, argmax = _features_of(target, convs, tokens_per_batch)
             save_file({"features": feats, "argmax": argmax, "lengths": lengths}, str(path.with_suffix(".tmp")))
             os.replace(path.with_suffix(".tmp"), path)
             done_tokens += int(lengths.sum())
-            rate = done_tokens / (time.time() - start)
-            left = total_tokens - sum(len(c.input_ids) for c in convs[:c0 + chunk])
-            _log(f"features: {c0 + len(part)}/{len(convs)} conversations ({rate:.0f} tokens/s, ETA {_fmt_s(left / rate)})")
+            _log(f"features: shard {k + 1}/{len(paths)} of {data_dir} "
+                 f"({done_tokens / (time.time() - start):.0f} tokens/s)")
         offsets = [0] + lengths.cumsum(0).tolist()
-        out += [Sequence(c, feats[a:b], argmax[a:b]) for c, a, b in zip(part, offsets[:-1], offsets[1:])]
+        out += [Sequence(c, feats[a:b], argmax[a:b]) for c, a, b in zip(convs, offsets[:-1], offsets[1:])]
     return out
 
 
@@ -245,8 +239,7 @@ def train(args: argparse.Namespace) -> TrainResult:
     target.requires_grad_(False)
     train_seqs, eval_seqs = [], []
     for folder in args.data:
-        seqs = cache_features(target, load_shards(folder), Path(folder) / "features",
-                              str(args.target or "default"), args.max_len)
+        seqs = load_sequences(target, folder, str(args.target or "default"), args.max_len)
         # Held out per folder, so that every data source is evaluated.
         n_eval = max(1, round(len(seqs) * args.eval_fraction)) if len(seqs) > 1 and args.eval_fraction else 0
         train_seqs += seqs[:len(seqs) - n_eval]
@@ -340,7 +333,7 @@ def train(args: argparse.Namespace) -> TrainResult:
             avg = {k: sum(s[k] * s["n"] for s in window) / n for k in ("vloss", "ce", "acc")}
             eta = elapsed / (step - start_step) * (total - step)
             _log(f"step {step}/{total} epoch {epoch}  vloss {avg['vloss']:.4f}  ce {avg['ce']:.3f}  top-1 {avg['acc']:.3f}"
-                 f"  lr {opt.param_groups[0]['lr']:.2e}  {elapsed / (step - start_step):.2f} s/step  ETA {_fmt_s(eta)}")
+                 f"  lr {opt.param_groups[0]['lr']:.2e}  {elapsed / (step - start_step):.2f} s/step  ETA {fmt_seconds(eta)}")
             window = []
         out_of_time = args.max_minutes is not None and elapsed > args.max_minutes * 60
         if step % args.eval_every == 0 or step == total or out_of_time:

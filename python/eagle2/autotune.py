@@ -1,0 +1,425 @@
+"""Tree shape "auto": choose total_tokens, depth and topk from measured costs.
+
+EAGLE-2's best tree depends on the hardware: on a GPU a 60-token verify costs about one
+single-token forward, on a CPU it costs several (DESIGN.md). So the shape is chosen to maximise
+the expected committed tokens per second,
+
+    rate(m, d, k) = E[accepted + 1 | m, d, k] / (catch_up + draft(d, k) + target(m))
+
+with every term measured on this machine for this model:
+
+target(m)   one verify step over m tree tokens at a realistic prefix (PREFIX): the target
+            forward with tree attention, its lm_head over the m nodes, tree_verify. Measured
+            for TREE_SIZES, linear in between.
+draft(d, k) one tree growth of depth d and top-k k (the draft forwards, its lm_head over the
+            head's vocabulary, frontier_expand, rerank); catch_up: the draft forward over the
+            tokens committed by the previous step.
+E[...]      1 + the sum over the tree's nodes of their acceptance probability. A few short
+            calibration generations grow a large tree (CALIBRATION_SHAPE) at every step and
+            record all candidates; a node counts as accepted when its path from the root
+            equals the committed continuation (what the verify of any tree containing it
+            would accept). The candidate sets of smaller shapes are replayed from the large
+            tree (the same beam growth, limited to d levels and k children, reranked by
+            score), so every (m, d, k) is evaluated on the same steps. Two estimates per
+            shape: `scored`, each kept node's cumulative draft score exp(sum log p) mapped
+            through a calibration of exp(score) against the outcomes (smooth, but blind to
+            whatever the score does not rank well), and `observed`, the acceptance the
+            replayed tree actually got (unbiased, noisy with few steps). E = their blend,
+            the score estimate counting as PRIOR_STEPS steps.
+
+Costs are cached per machine + model + dtype + threads, acceptance per model + head +
+temperature, as JSON under $EAGLE2_CACHE/autotune (default ~/.cache/eagle2/autotune);
+`forget(gen)` drops them (`eagle2 bench --retune`).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import sys
+import time
+import weakref
+from dataclasses import asdict, dataclass
+from unittest import mock
+
+import numpy as np
+import torch
+
+import eagle2_kernels
+
+from . import tree as tree_module
+from .attention import chain_bits, target_forward
+from .cache import KVCache
+from .tree import TreeShape, grow
+
+TREE_SIZES = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64)
+DEPTHS = tuple(range(1, 9))
+TOPKS = (1, 2, 3, 4, 6, 8, 10)
+PREFIX = 256
+CALIBRATION_SHAPE = TreeShape(total_tokens=16, depth=max(DEPTHS), topk=max(TOPKS))
+CALIBRATION_PROMPTS = (
+    "Write a short story about a lighthouse keeper who finds a message in a bottle.",
+    "Write a Python function that returns the n-th Fibonacci number, with a docstring.",
+    "A shop sells pencils at 3 for $1. How much do 18 pencils cost? Explain step by step.",
+)
+CALIBRATION_TOKENS = 64
+PRIOR_STEPS = 20
+# exp(score) bin edges of the calibration map (finer where draft confidences cluster).
+BIN_EDGES = np.array([0.0, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0 + 1e-9])
+FORMAT = 1  # bump when the cached measurements change meaning
+
+_MEMO: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+@dataclass
+class Costs:
+    """Measured seconds: target[i] verifies sizes[i] tree tokens; draft["d,k"] grows a tree;
+    catch_up feeds the draft one step's committed tokens."""
+
+    sizes: list[int]
+    target: list[float]
+    draft: dict[str, float]
+    catch_up: float
+
+    def step_seconds(self, m: int, depth: int, topk: int) -> float:
+        """Predicted wall time of one EAGLE-2 step (m = 1: the loop verifies the root alone)."""
+        grow_s = self.draft[f"{depth},{topk}"] if m > 1 else 0.0
+        return self.catch_up + grow_s + float(np.interp(m, self.sizes, self.target))
+
+
+@dataclass
+class Acceptance:
+    """expected[f"d,k"][m - 1] = E[accepted + 1] per step for a tree of m nodes: the blend of
+    scored (calibrated draft scores) and observed (counted on the calibration steps)."""
+
+    expected: dict[str, list[float]]
+    scored: dict[str, list[float]]
+    observed: dict[str, list[float]]
+    steps: int
+
+
+def choose(costs: Costs, acceptance: Acceptance, max_m: int | None = None) -> tuple[TreeShape, list[dict]]:
+    """The shape with the highest expected committed tokens per second, and every candidate
+    [{m, depth, topk, tau, seconds, rate}] sorted best first. m is at most the largest measured
+    tree size (or max_m) and the number of candidates the growth produces."""
+    limit = min(max(costs.sizes), max_m or max(costs.sizes))
+    rows = [{"m": 1, "depth": 1, "topk": 1, "tau": 1.0, "seconds": costs.step_seconds(1, 1, 1)}]
+    for key, curve in acceptance.expected.items():
+        if key not in costs.draft:
+            continue
+        d, k = map(int, key.split(","))
+        top = min(limit, len(curve), 1 + TreeShape(1, d, k).candidates())
+        for m in range(2, top + 1):
+            rows.append({"m": m, "depth": d, "topk": k, "tau": curve[m - 1], "seconds": costs.step_seconds(m, d, k)})
+    for r in rows:
+        r["rate"] = r["tau"] / r["seconds"]
+    # Prefer the cheaper shape among (near-)equal rates: smaller trees are less sensitive to noise.
+    rows.sort(key=lambda r: (-round(r["rate"], 6), r["m"], r["depth"], r["topk"]))
+    best = rows[0]
+    return TreeShape(best["m"], best["depth"], best["topk"]), rows
+
+
+# ---- acceptance ------------------------------------------------------------------------------
+def calibration_map(scores: np.ndarray, accepted: np.ndarray) -> np.ndarray:
+    """Acceptance rate per BIN_EDGES bin of exp(score): the observed rate, shrunk toward the
+    bin's mean draft probability when few nodes fall in it, then made non-decreasing by a
+    weighted isotonic fit (so a sparse bin cannot lift the bins above it)."""
+    p = np.exp(scores)
+    idx = np.clip(np.searchsorted(BIN_EDGES, p, side="right") - 1, 0, len(BIN_EDGES) - 2)
+    n = np.bincount(idx, minlength=len(BIN_EDGES) - 1).astype(float)
+    hits = np.bincount(idx, weights=accepted.astype(float), minlength=len(BIN_EDGES) - 1)
+    mean_p = np.where(n > 0, np.bincount(idx, weights=p, minlength=len(BIN_EDGES) - 1) / np.maximum(n, 1),
+                      (BIN_EDGES[:-1] + BIN_EDGES[1:]) / 2)
+    prior = 2.0
+    # An empty bin gets its mid-point but (almost) no weight: it must not drag its neighbours.
+    return _isotonic((hits + prior * mean_p) / (n + prior), n + np.where(n > 0, prior, 1e-9))
+
+
+def _isotonic(values: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Weighted least-squares non-decreasing fit (pool adjacent violators)."""
+    blocks = []  # [mean, weight, count]
+    for v, w in zip(values, weights):
+        blocks.append([float(v), float(w), 1])
+        while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
+            (v2, w2, c2), (v1, w1, c1) = blocks.pop(), blocks.pop()
+            blocks.append([(v1 * w1 + v2 * w2) / (w1 + w2), w1 + w2, c1 + c2])
+    return np.repeat([b[0] for b in blocks], [b[2] for b in blocks])
+
+
+def apply_map(rates: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """Calibrated acceptance probability of nodes with the given cumulative scores."""
+    idx = np.clip(np.searchsorted(BIN_EDGES, np.exp(scores), side="right") - 1, 0, len(BIN_EDGES) - 2)
+    return rates[idx]
+
+
+@dataclass
+class Step:
+    """One captured growth: candidate scores, parents (-1 = the root), and accepted flags."""
+
+    scores: np.ndarray
+    parents: np.ndarray
+    accepted: np.ndarray
+
+
+def label_step(scores, parents, tokens, continuation: list[int]) -> Step:
+    """Mark a candidate accepted when its path from the root spells the committed continuation."""
+    acc = np.zeros(len(scores), dtype=bool)
+    depth = np.zeros(len(scores), dtype=int)
+    for i, (p, t) in enumerate(zip(parents, tokens)):  # parents precede children
+        depth[i] = 1 if p < 0 else depth[p] + 1
+        ok = p < 0 or acc[p]
+        acc[i] = ok and depth[i] <= len(continuation) and t == continuation[depth[i] - 1]
+    return Step(np.asarray(scores, dtype=np.float64), np.asarray(parents), acc)
+
+
+def replay_order(step: Step, depth: int, topk: int) -> np.ndarray:
+    """Candidate indices that a growth with (depth, topk) would produce, in rerank order, replayed
+    from a larger captured growth. A frontier node that the large growth did not expand (rare:
+    the smaller beam kept a node the larger one dropped) contributes no children."""
+    s = step.scores
+    children: dict[int, list[int]] = {}
+    for i, p in enumerate(step.parents):
+        children.setdefault(int(p), []).append(i)
+    for c in children.values():
+        c.sort(key=lambda i: (-s[i], i))
+    frontier, picked, level = [-1], [], {}
+    for d in range(1, depth + 1):
+        new = [c for f in frontier for c in children.get(f, [])[:topk]]
+        if not new:
+            break
+        picked += new
+        level.update((c, d) for c in new)
+        frontier = sorted(new, key=lambda i: (-s[i], i))[:topk]
+    return np.array(sorted(picked, key=lambda i: (-s[i], level[i], i)), dtype=int)
+
+
+def acceptance_curves(steps: list[Step], rates: np.ndarray, max_m: int) -> Acceptance:
+    """E[accepted + 1] for m = 1..max_m nodes and every (depth, topk) in DEPTHS x TOPKS."""
+    expected, scored, observed = {}, {}, {}
+    n = len(steps)
+    for d in DEPTHS:
+        for k in TOPKS:
+            e_sum, o_sum = np.zeros(max_m), np.zeros(max_m)
+            for st in steps:
+                order = replay_order(st, d, k)[: max_m - 1]
+                e = np.concatenate([[1.0], 1.0 + np.cumsum(apply_map(rates, st.scores[order]))])
+                o = np.concatenate([[1.0], 1.0 + np.cumsum(st.accepted[order])])
+                e_sum += np.pad(e, (0, max_m - len(e)), mode="edge")  # fewer candidates: the tree stops growing
+                o_sum += np.pad(o, (0, max_m - len(o)), mode="edge")
+            key = f"{d},{k}"
+            scored[key] = [round(float(x), 5) for x in e_sum / max(n, 1)]
+            observed[key] = [round(float(x), 5) for x in o_sum / max(n, 1)]
+            expected[key] = [round(float(x), 5) for x in (PRIOR_STEPS * e_sum / max(n, 1) + o_sum) / (PRIOR_STEPS + n)]
+    return Acceptance(expected, scored, observed, n)
+
+
+class _Recorder:
+    """Stands in for the eagle2_kernels module inside eagle2.tree during calibration, recording
+    every candidate set that `grow` hands to rerank (all other ops pass straight through)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __getattr__(self, name):
+        return getattr(eagle2_kernels, name)
+
+    def rerank(self, scores, parents, tokens, root_tokens, prefix_len, m, **kwargs):
+        self.calls.append((scores[0].float().cpu().numpy(), parents[0].cpu().numpy(), tokens[0].cpu().numpy(),
+                           int(prefix_len[0])))
+        return eagle2_kernels.rerank(scores, parents, tokens, root_tokens, prefix_len, m, **kwargs)
+
+
+def measure_acceptance(gen, temperature: float = 0.0, prompts=None, max_new_tokens: int = CALIBRATION_TOKENS,
+                       max_m: int = max(TREE_SIZES)) -> Acceptance:
+    """Calibration generations with a large tree; acceptance curves for every candidate shape.
+    prompts: str or token-id lists (default CALIBRATION_PROMPTS; random ids without a tokenizer)."""
+    from .generate import Sampling, decode
+
+    if prompts is None:
+        g = torch.Generator().manual_seed(0)
+        vocab = gen.model.get_output_embeddings().weight.shape[0]
+        prompts = CALIBRATION_PROMPTS if gen.tokenizer is not None else \
+            [torch.randint(vocab, (16,), generator=g).tolist() for _ in CALIBRATION_PROMPTS]
+    steps = []
+    for i, prompt in enumerate(prompts):
+        ids = gen.encode(prompt)
+        rec = _Recorder()
+        with mock.patch.object(tree_module, "eagle2_kernels", rec):
+            [row] = decode(gen.model, [ids], max_new_tokens, head=gen.head, shape=CALIBRATION_SHAPE,
+                           sampling=Sampling(temperature), eos_ids=gen.eos_ids, seed=i)
+        seq = ids + row.tokens
+        for scores, parents, tokens, root_pos in rec.calls:
+            cont = seq[root_pos + 1:]
+            # Keep steps whose continuation is known to the full depth (or ended the output).
+            if len(cont) >= CALIBRATION_SHAPE.depth or (row.tokens and row.tokens[-1] in gen.eos_ids):
+                steps.append(label_step(scores, parents, tokens, cont))
+    if not steps:
+        raise RuntimeError("autotune: the calibration generations produced no usable draft step")
+    rates = calibration_map(np.concatenate([s.scores for s in steps]), np.concatenate([s.accepted for s in steps]))
+    return acceptance_curves(steps, rates, max_m)
+
+
+# ---- costs -----------------------------------------------------------------------------------
+def _median_times(fns: dict, repeats: int) -> dict:
+    """Median seconds per zero-arg callable, run round-robin (rotated) so drift hits all alike."""
+    keys = list(fns)
+    for k in keys:
+        fns[k]()
+    times = {k: [] for k in keys}
+    for r in range(repeats):
+        for k in keys[r % len(keys):] + keys[: r % len(keys)]:
+            t = time.perf_counter()
+            fns[k]()
+            times[k].append(time.perf_counter() - t)
+    return {k: float(np.median(v)) for k, v in times.items()}
+
+
+@torch.inference_mode()
+def measure_costs(gen, sizes=TREE_SIZES, depths=DEPTHS, topks=TOPKS, prefix: int = PREFIX, repeats: int = 7) -> Costs:
+    """Time the verify step per tree size and the draft growth per (depth, topk) at `prefix`."""
+    model, head = gen.model, gen.head
+    config = model.config
+    lm_head = model.get_output_embeddings()
+    param = next(model.parameters())
+    dev, dtype = param.device, param.dtype
+    V = lm_head.weight.shape[0]
+    prefix = max(1, min(prefix, config.max_position_embeddings - max(sizes) - 2))
+    g = torch.Generator().manual_seed(0)
+    rand_ids = lambda n: torch.randint(V, (1, n), generator=g).to(dev)  # noqa: E731
+    plen = torch.tensor([prefix], dtype=torch.int32, device=dev)
+
+    tcache = KVCache.for_model(config, 1, prefix + max(sizes) + 1, dtype, dev)
+    feats = target_forward(model, rand_ids(prefix), torch.arange(prefix, device=dev)[None], tcache,
+                           chain_bits(prefix, 1, dev), tcache.lengths)
+    tcache.extend(plen)
+
+    def verify(n):  # writes past the prefix without extending it: every call sees the same cache
+        toks = rand_ids(n)
+        out = target_forward(model, toks, prefix + torch.arange(n, device=dev)[None], tcache, chain_bits(n, 1, dev), plen)
+        parents = torch.arange(-1, n - 1, dtype=torch.int32, device=dev)[None]
+        eagle2_kernels.tree_verify(toks.int(), parents, lm_head(out), max_depth=n - 1)
+
+    target = _median_times({n: (lambda n=n: verify(n)) for n in sizes}, repeats)
+
+    hc = head.config
+    dcache = KVCache(1, 1, hc.num_key_value_heads, prefix + max(depths) * max(topks) + 8, hc.head_dim, dtype, dev)
+    pos = torch.arange(1, prefix + 1, device=dev)[None]
+    hidden = head(feats, rand_ids(prefix), pos, cache=dcache, mask_bits=chain_bits(prefix, 1, dev), prefix_len=dcache.lengths)
+    dcache.extend(plen)
+    root_hidden, root = hidden[:, -1], rand_ids(1)[:, 0].int()
+
+    def catch_up(n=3):  # a typical step commits a few tokens
+        head(feats[:, -n:], rand_ids(n), prefix + 1 + torch.arange(n, device=dev)[None], cache=dcache,
+             mask_bits=chain_bits(n, 1, dev), prefix_len=dcache.lengths)
+
+    def growth(d, k):
+        grow(head, dcache, root_hidden, root, plen, min(max(sizes), 1 + TreeShape(1, d, k).candidates()), d, k)
+
+    fns = {"catch_up": catch_up, **{f"{d},{k}": (lambda d=d, k=k: growth(d, k)) for d in depths for k in topks}}
+    draft = _median_times(fns, max(3, repeats // 2))
+    return Costs(list(sizes), [target[n] for n in sizes], {k: v for k, v in draft.items() if k != "catch_up"},
+                 draft["catch_up"])
+
+
+# ---- cache -----------------------------------------------------------------------------------
+def head_digest(head) -> str:
+    """sha256 of a draft head's weights (identifies which trained head was measured)."""
+    h = hashlib.sha256()
+    for k, v in sorted(head.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _model_id(model) -> str:
+    """Config + a sample of the weights: tells checkpoints apart without hashing all of them."""
+    h = hashlib.sha256(model.config.to_json_string(use_diff=False).encode())
+    for p in list(model.parameters())[:: max(1, len(list(model.parameters())) // 8)]:
+        h.update(p.detach().reshape(-1)[:64].float().cpu().numpy().tobytes())
+    return h.hexdigest()[:24]
+
+
+def _machine() -> dict:
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {"host": platform.node(), "cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__}
+
+
+def cache_keys(gen, temperature: float) -> dict:
+    """What the cached costs and acceptance depend on."""
+    param = next(gen.model.parameters())
+    model = {"model": _model_id(gen.model), "dtype": str(param.dtype), "device": str(param.device)}
+    head = gen.head
+    vocab = len(head.d2t) if head.d2t is not None else head.config.vocab_size
+    costs = {"kind": "costs", "format": FORMAT, **model, "machine": _machine(), "threads": torch.get_num_threads(),
+             "draft_vocab": vocab, "draft_hidden": head.config.hidden_size}
+    acceptance = {"kind": "acceptance", "format": FORMAT, **model, "head": head_digest(head),
+                  "temperature": round(float(temperature), 4)}
+    return {"costs": costs, "acceptance": acceptance}
+
+
+def cache_path(key: dict):
+    from .model import cache_dir
+
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+    return cache_dir() / "autotune" / f"{key['kind']}-{digest}.json"
+
+
+def _cached(key: dict, make, cls):
+    path = cache_path(key)
+    if path.is_file():
+        try:
+            return cls(**json.loads(path.read_text())["data"])
+        except (ValueError, KeyError, TypeError):
+            pass  # a corrupt or outdated file: measure again and overwrite it
+    print(f"[eagle2] auto tree shape: measuring {key['kind']} (once; cached in {path.parent})",
+          file=sys.stderr, flush=True)
+    value = make()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"key": key, "data": asdict(value)}) + "\n")
+    os.replace(tmp, path)
+    return value
+
+
+def tuned_shape(gen, temperature: float = 0.0) -> TreeShape:
+    """The tree shape maximising expected committed tokens per second for this Generator
+    (measured once per machine/model/head/temperature, then cached)."""
+    memo = _MEMO.setdefault(gen, {})
+    t = round(float(temperature), 4)
+    if t not in memo:
+        if gen.head is None:
+            raise ValueError("tree shape 'auto' needs a draft head")
+        keys = cache_keys(gen, t)
+        start = time.perf_counter()
+        costs = _cached(keys["costs"], lambda: measure_costs(gen), Costs)
+        acc = _cached(keys["acceptance"], lambda: measure_acceptance(gen, t), Acceptance)
+        shape, rows = choose(costs, acc)
+        best = rows[0]
+        print(f"[eagle2] auto tree shape: total_tokens {shape.total_tokens}, depth {shape.depth}, topk {shape.topk} "
+              f"(expected tau {best['tau']:.2f}, {best['seconds'] * 1e3:.0f} ms per step; "
+              f"{time.perf_counter() - start:.1f} s)", file=sys.stderr, flush=True)
+        memo[t] = shape
+    return memo[t]
+
+
+def forget(gen) -> None:
+    """Drop this Generator's cached measurements (costs, and acceptance at every temperature)."""
+    _MEMO.pop(gen, None)
+    if gen.head is None:
+        return
+    keys = cache_keys(gen, 0.0)
+    cache_path(keys["costs"]).unlink(missing_ok=True)
+    same_head = lambda key: {k: v for k, v in key.items() if k != "temperature"}  # noqa: E731
+    for path in cache_path(keys["acceptance"]).parent.glob("acceptance-*.json"):
+        try:
+            key = json.loads(path.read_text())["key"]
+        except (OSError, ValueError, KeyError):
+            continue
+        if same_head(key) == same_head(keys["acceptance"]):
+            path.unlink(missing_ok=True)
