@@ -93,7 +93,7 @@ def test_summary_arithmetic():
     assert "eagle2" in table and "2.50" in table and "50%" in table
     md = bench.format_table(s, markdown=True).splitlines()
     assert len(md) == 2 + 9 and md[0].startswith("| group | method |")
-    assert md[-1] == "| all | eagle2 | 10.00 | 2.60 | 1.67 | 2.22 | 50% |"
+    assert md[-1] == "| all | eagle2 | 10.00 | 2.60 | 2.00 | 2.33 | 50% |"
 
 
 @pytest.fixture(scope="module")

@@ -237,13 +237,15 @@ def train(args: argparse.Namespace) -> TrainResult:
     device = torch.device(args.device)
     target, _ = load_target(args.target, dtype=torch.float32, device=device)
     target.requires_grad_(False)
-    train_seqs, eval_seqs = [], []
+    train_seqs, eval_sets = [], {}  # eval_sets: data folder -> its held-out sequences
     for folder in args.data:
         seqs = load_sequences(target, folder, str(args.target or "default"), args.max_len)
         # Held out per folder, so that every data source is evaluated.
         n_eval = max(1, round(len(seqs) * args.eval_fraction)) if len(seqs) > 1 and args.eval_fraction else 0
         train_seqs += seqs[:len(seqs) - n_eval]
-        eval_seqs += seqs[len(seqs) - n_eval:]
+        if n_eval:
+            eval_sets[folder] = seqs[len(seqs) - n_eval:]
+    eval_seqs = [s for seqs in eval_sets.values() for s in seqs]
     n_tokens = sum(int(s.loss_mask.sum()) for s in train_seqs)
     _log(f"{len(train_seqs)} training conversations ({sum(map(len, train_seqs))} tokens, {n_tokens} answer "
          f"tokens), {len(eval_seqs)} held out")
@@ -300,14 +302,18 @@ def train(args: argparse.Namespace) -> TrainResult:
             head.save_pretrained(out, dtype=getattr(torch, args.save_dtype))
 
     def run_eval() -> dict[str, float]:
-        if not eval_seqs:
-            return {}
+        """Held-out metrics per data folder (logged) and over all of them (returned)."""
         head.eval()
+        parts = {}
         with autocast:
-            ev = evaluate(head, eval_seqs, args.tokens_per_batch, args.ce_weight, in_vocab, device)
+            for folder, seqs in eval_sets.items():
+                parts[folder] = evaluate(head, seqs, args.tokens_per_batch, args.ce_weight, in_vocab, device)
+                ev = parts[folder]
+                _log(f"step {step} eval {folder}: top-1 {ev['acc']:.3f}  vloss {ev['vloss']:.4f}  ce {ev['ce']:.3f}"
+                     f"  ({ev['n']} tokens)")
         head.train()
-        _log(f"step {step} eval: top-1 {ev['acc']:.3f}  vloss {ev['vloss']:.4f}  ce {ev['ce']:.3f}")
-        return ev
+        n = sum(ev["n"] for ev in parts.values())
+        return {k: sum(ev[k] * ev["n"] for ev in parts.values()) / n for k in ("vloss", "ce", "acc")} if n else {}
 
     start, start_step, window, epoch_batches = time.time(), step, [], (None, None)
     result = TrainResult(head, run_eval(), {})
