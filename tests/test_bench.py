@@ -131,10 +131,11 @@ def test_cli_end_to_end(folders, capsys):
     assert res["summary"]["all"]["eagle2"]["tau"] > 1.0  # the cheat head's drafts get accepted
 
     assert main(["bench", "--prompts", str(folders / "prompts.jsonl"), "--max-new-tokens", "8", "--json", str(out),
-                 "--methods", "eagle2@4/2/2,vanilla", "--temperature", "1", "--target", str(folders / "target"),
+                 "--methods", "eagle2@4/2/2,vanilla,hf-prompt-lookup", "--temperature", "1", "--target", str(folders / "target"),
                  "--draft", str(folders / "head"), "--dtype", "float64"]) == 0
     res = json.loads(out.read_text())
-    assert len(res["rows"]) == 6 and not any("same_as_vanilla" in r for r in res["rows"])
+    assert len(res["rows"]) == 9 and not any("same_as_vanilla" in r for r in res["rows"])
+    assert all(r["new_tokens"] >= 1 for r in res["rows"])
 
 
 def test_cli_errors(folders):

@@ -6,8 +6,8 @@ predict f_{j+1}:
 
     loss = SmoothL1(f'_j, f_{j+1}) + ce_weight * CE(softmax(lm_head f_{j+1}), log_softmax(lm_head f'_j))
 
-on the answer tokens only (position j + 1 in the answer; soft targets: the target's whole
-distribution). The input features get uniform noise, as in EAGLE, so the head tolerates its own
+on the loss-masked positions j + 1 only (the answers; all of a `text` conversation), with soft
+targets (the target's whole distribution). The input features get uniform noise, as in EAGLE, so the head tolerates its own
 imperfect predictions when it drafts several levels deep. The target features and argmax
 tokens are computed once, in float32 with torch.no_grad, and cached next to the data
 (`features/` in each data folder), so epochs cost only the head.
