@@ -50,12 +50,16 @@ def real(name: str, v, lo: float, hi: float, *, lo_open: bool = False) -> float:
     return v
 
 
-def out_tensors(name: str, out, like: dict[str, tuple]) -> None:
-    """Check a preallocated output tuple: like maps field -> (shape, dtype, device)."""
+def outputs(out, cls, like: dict[str, tuple]):
+    """The op's output tuple: `out` checked field by field (like maps field -> (shape, dtype,
+    device)), or a fresh `cls` of empty tensors when out is None."""
+    if out is None:
+        return cls(*(torch.empty(shape, dtype=dtype, device=device) for shape, dtype, device in like.values()))
     if len(out) != len(like):
-        fail(name, f"a tuple of {len(like)} tensors ({', '.join(like)})", f"{len(out)} items")
+        fail("out", f"a tuple of {len(like)} tensors ({', '.join(like)})", f"{len(out)} items")
     for t, (field, (shape, dtype, device)) in zip(out, like.items()):
-        tensor(f"{name}.{field}", t, dtypes=(dtype,), shape=shape, device=device)
+        tensor(f"out.{field}", t, dtypes=(dtype,), shape=shape, device=device)
+    return out
 
 
 def _fmt(shape) -> str:

@@ -175,7 +175,7 @@ struct GreedyNode {
       int64_t best_i = 0;
       for (int64_t i = 1; i < V; ++i) {
         const float v = sanitize(load(i));
-        if (v > best) {  // strict: ties keep the lower id
+        if (verify_argmax_better(v, i, best, best_i)) {
           best = v;
           best_i = i;
         }

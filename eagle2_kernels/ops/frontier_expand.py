@@ -45,10 +45,7 @@ def frontier_expand(
         "frontier_index": ((B, k), torch.int32, dev),
         "frontier_scores": ((B, k), torch.float32, dev),
     }
-    if out is None:
-        out = FrontierExpansion(*(torch.empty(s, dtype=t, device=d) for s, t, d in like.values()))
-    else:
-        check.out_tensors("out", out, like)
+    out = check.outputs(out, FrontierExpansion, like)
 
     backend = check.f64_backend("logits", logits, backend)
     name = _backend.resolve("frontier_expand", dev, backend, ("reference", "cpu", "cuda", "triton"))

@@ -52,12 +52,23 @@ def kv_compact(
 
 
 def _check_data(S, prefix_len, accepted, accept_len) -> None:
+    """Refuse CPU inputs that would copy out of bounds or overwrite a later source."""
     L = accepted.shape[1]
-    for b, (p, n) in enumerate(zip(prefix_len.tolist(), accept_len.tolist())):
-        if not 0 <= n <= L:
-            check.fail("accept_len", f"accept_len[{b}] in [0, {L}]", n)
-        row = accepted[b, :n].tolist()
-        if any(x < 0 for x in row) or any(a >= c for a, c in zip(row, row[1:])):
-            check.fail("accepted", f"accepted[{b}, :{n}] non-negative and strictly increasing", row)
-        if n and not (0 <= p and p + row[-1] < S):
-            check.fail("prefix_len", f"prefix_len[{b}] + accepted[{b}, {n - 1}] < S = {S}", p + row[-1])
+    n = accept_len.long()
+
+    def first_bad(bad: torch.Tensor) -> int | None:
+        rows = bad.nonzero()
+        return int(rows[0, 0]) if rows.numel() else None
+
+    if (b := first_bad((n < 0) | (n > L))) is not None:
+        check.fail("accept_len", f"accept_len[{b}] in [0, {L}]", int(n[b]))
+    used = torch.arange(L) < n[:, None]  # [B, L]
+    rising = torch.cat([accepted[:, :1] >= 0, accepted[:, 1:] > accepted[:, :-1]], dim=1)
+    if (b := first_bad((used & ~rising).any(1))) is not None:
+        check.fail("accepted", f"accepted[{b}, :{int(n[b])}] non-negative and strictly increasing",
+                   accepted[b, : int(n[b])].tolist())
+    last = accepted.long().gather(1, (n - 1).clamp(min=0)[:, None])[:, 0]
+    end = prefix_len.long() + last
+    if (b := first_bad((n > 0) & ((prefix_len < 0) | (end >= S)))) is not None:
+        check.fail("prefix_len", f"prefix_len[{b}] >= 0 and prefix_len[{b}] + accepted[{b}, {int(n[b]) - 1}] < S = {S}",
+                   int(end[b]))

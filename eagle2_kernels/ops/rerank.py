@@ -68,10 +68,7 @@ def rerank(
         "paths": ((B, m, L), torch.int32, dev),
         "num_leaves": ((B,), torch.int32, dev),
     }
-    if out is None:
-        out = Tree(*(torch.empty(s, dtype=t, device=d) for s, t, d in like.values()))
-    else:
-        check.out_tensors("out", out, like)
+    out = check.outputs(out, Tree, like)
 
     name = _backend.resolve("rerank", dev, backend, ("reference", "cpu", "cuda"))
     if name == "reference":

@@ -73,10 +73,7 @@ def tree_verify(
         "accept_len": ((B,), torch.int32, dev),
         "bonus": ((B,), torch.int32, dev),
     }
-    if out is None:
-        out = VerifyResult(*(torch.empty(s, dtype=t, device=d) for s, t, d in like.values()))
-    else:
-        check.out_tensors("out", out, like)
+    out = check.outputs(out, VerifyResult, like)
 
     backend = check.f64_backend("target_logits", target_logits, backend)
     name = _backend.resolve("tree_verify", dev, backend, ("reference", "cpu", "cuda", "triton"))
