@@ -3,11 +3,11 @@ total_tokens (and a few depth / top-k variants), the tuned "auto" shape and the 
 60/6/10, all interleaved per prompt in one process (eagle2.bench.run_bench).
 
     OMP_NUM_THREADS=2 python bench/e2e_sweep.py --prompts ../shared/data/dev_prompts.jsonl \\
-        --per-category 4 --max-new-tokens 64 --out bench/results/sweep
+        --per-category 2 --max-new-tokens 64 --out bench/results/sweep
 
 writes bench/results/sweep.json (header: machine, date, versions, command; rows; summary) and
-bench/results/sweep.png. By default the total_tokens series uses the depth and top-k that
-"auto" chose; --family D/K picks another one.
+bench/results/sweep.png. The total_tokens series run for each --families depth/top-k pair
+("auto": the pair the tuned shape uses; default: that and the paper's 6/10).
 """
 from __future__ import annotations
 
@@ -22,21 +22,19 @@ from eagle2 import bench
 PAPER = (60, 6, 10)
 
 
-def shapes_to_sweep(auto, family, sizes, variants) -> list[tuple[int, int, int]]:
-    """The total_tokens series of one (depth, topk) family, the depth/top-k variants at the
+def shapes_to_sweep(auto, families, sizes, variants) -> list[tuple[int, int, int]]:
+    """The total_tokens series of each (depth, topk) family, the depth/top-k variants at the
     auto shape's total_tokens (at least 8), the auto shape itself and the paper's; no
     duplicates, order kept."""
-    d, k = family
-    cap = 1 + k + (d - 1) * k * k
-    out = [(m, d, k) for m in sizes if m <= cap]
+    out = [(m, d, k) for d, k in families for m in sizes if m <= 1 + k + (d - 1) * k * k]
     m = max(auto[0], 8)  # a useless draft tunes to m = 1, where every variant is the same
     out += [(min(m, 1 + vk + (vd - 1) * vk * vk), vd, vk) for vd, vk in variants]
     out += [tuple(auto), PAPER]
     return list(dict.fromkeys(out))
 
 
-def plot(summary: dict, shapes: dict, family, auto_label: str, path: Path, title: str) -> None:
-    """Speedup over vanilla and tau against total_tokens: the family as a line, the variants,
+def plot(summary: dict, shapes: dict, families, auto_label: str, path: Path, title: str) -> None:
+    """Speedup over vanilla and tau against total_tokens: each family as a line, the variants,
     auto and the paper's setting as labelled points."""
     import matplotlib
 
@@ -48,15 +46,15 @@ def plot(summary: dict, shapes: dict, family, auto_label: str, path: Path, title
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, key, ylabel in ((axes[0], "speedup_vs_vanilla", "speedup over vanilla (tokens/s ratio)"),
                             (axes[1], "tau", "tau (tokens per target forward)")):
-        line = sorted((shapes[lab][0], stats[lab][key]) for lab in shapes
-                      if tuple(shapes[lab][1:]) == tuple(family))
-        ax.plot(*zip(*line), "o-", color="tab:blue", label=f"depth {family[0]}, top-k {family[1]}")
+        for family in families:
+            line = sorted((shapes[lab][0], stats[lab][key]) for lab in shapes if tuple(shapes[lab][1:]) == family)
+            ax.plot(*zip(*line), "o-", label=f"depth {family[0]}, top-k {family[1]}")
         for lab, (m, d, k) in shapes.items():
             if lab == auto_label:
                 ax.plot(m, stats[lab][key], "*", ms=16, color="tab:green", label=f"auto ({m}/{d}/{k})")
             elif (m, d, k) == PAPER:
                 ax.plot(m, stats[lab][key], "s", ms=9, color="tab:red", label="paper 60/6/10")
-            elif (d, k) != tuple(family):
+            elif (d, k) not in families:
                 ax.plot(m, stats[lab][key], "^", color="tab:gray")
                 ax.annotate(f"d{d} k{k}", (m, stats[lab][key]), textcoords="offset points", xytext=(4, 4), fontsize=7)
         if key == "speedup_vs_vanilla":
@@ -75,13 +73,13 @@ def plot(summary: dict, shapes: dict, family, auto_label: str, path: Path, title
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--prompts", required=True, metavar="FILE.jsonl")
-    p.add_argument("--per-category", type=int, default=4, metavar="N")
+    p.add_argument("--per-category", type=int, default=2, metavar="N")
     p.add_argument("--limit", type=int, metavar="N")
     p.add_argument("--max-new-tokens", type=int, default=64, metavar="N")
     p.add_argument("--temperature", type=float, default=0.0, metavar="T")
-    p.add_argument("--sizes", default="2,4,6,8,12,16,24,32,48", help="total_tokens of the series")
-    p.add_argument("--family", metavar="D/K", help="depth/top-k of the series (default: auto's)")
-    p.add_argument("--variants", default="2/2,3/4,6/2,6/6,8/4", help="D/K shapes evaluated at auto's total_tokens (at least 8)")
+    p.add_argument("--sizes", default="2,4,8,16,32", help="total_tokens of the series")
+    p.add_argument("--families", default="auto,6/10", metavar="D/K,...", help="depth/top-k of the series")
+    p.add_argument("--variants", default="2/2,3/4,6/2,8/4", help="D/K shapes evaluated at auto's total_tokens (at least 8)")
     p.add_argument("--extra", default="10/4/4", help="more M/D/K shapes (default: the Generator's former fixed default)")
     p.add_argument("--retune", action="store_true", help="re-measure the auto cost model")
     p.add_argument("--target", metavar="PATH", help="local HF checkpoint (default: embedded SmolLM2-135M-Instruct)")
@@ -99,8 +97,8 @@ def main(argv=None) -> int:
     env = bench.environment(gen)
     auto = tuned_shape(gen, args.temperature)
     auto = (auto.total_tokens, auto.depth, auto.topk)
-    family = pair(args.family) if args.family else auto[1:]
-    shapes = shapes_to_sweep(auto, family, [int(x) for x in args.sizes.split(",")],
+    families = list(dict.fromkeys(auto[1:] if f == "auto" else pair(f) for f in args.families.split(",")))
+    shapes = shapes_to_sweep(auto, families, [int(x) for x in args.sizes.split(",")],
                              [pair(v) for v in args.variants.split(",") if v])
     shapes += [pair(s) for s in args.extra.split(",") if s and pair(s) not in shapes]
     labels = ["vanilla", "eagle2@auto"] + [f"eagle2@{m}/{d}/{k}" for m, d, k in shapes if (m, d, k) != auto]
@@ -113,14 +111,14 @@ def main(argv=None) -> int:
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    header = {**env, "command": " ".join(["python", *sys.argv]), "auto": list(auto), "family": list(family),
+    header = {**env, "command": " ".join(["python", *sys.argv]), "auto": list(auto), "families": families,
               "settings": {k: v for k, v in vars(args).items() if k != "retune"}, "shapes": res["shapes"]}
     out.with_suffix(".json").write_text(json.dumps({"header": header, "summary": res["summary"], "rows": res["rows"]},
                                                    indent=1) + "\n")
     title = (f"{env['target'].split('/')[-1]} + EAGLE-2 head, {env['machine']['cpu']}, "
              f"{env['machine']['torch_threads']} threads, {len(items)} dev prompts x {args.max_new_tokens} tokens, "
              f"T={args.temperature:g}, {env['date'][:10]}")
-    plot(res["summary"], res["shapes"], family, "eagle2@auto", out.with_suffix(".png"), title)
+    plot(res["summary"], res["shapes"], families, "eagle2@auto", out.with_suffix(".png"), title)
     print(f"[sweep] wrote {out.with_suffix('.json')} and {out.with_suffix('.png')}", file=sys.stderr)
     return 0
 

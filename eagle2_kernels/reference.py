@@ -348,7 +348,7 @@ def tree_verify(
     L = m if max_depth is None else max_depth + 1
     greedy = temperature == 0.0
     if greedy:
-        argmax = topk_desc(sanitize(target_logits), 1)[1][..., 0].tolist()  # [B][m]
+        argmax = sanitize(target_logits).argmax(-1).tolist()  # [B][m]; torch.argmax returns the first maximum
     else:
         probs = sampling_probs(target_logits, temperature, top_p, top_k)
     tok, par = tokens.tolist(), parents.tolist()

@@ -10,10 +10,10 @@ with every term measured on this machine for this model:
 
 target(m)   one verify step over m tree tokens at a realistic prefix (PREFIX): the target
             forward with tree attention, its lm_head over the m nodes, tree_verify. Measured
-            for TREE_SIZES, linear in between.
+            for TREE_SIZES, linear in between (a monotone fit: more tokens never cost less).
 draft(d, k) one tree growth of depth d and top-k k (the draft forwards, its lm_head over the
-            head's vocabulary, frontier_expand, rerank); catch_up: the draft forward over the
-            tokens committed by the previous step.
+            head's vocabulary, frontier_expand, rerank; monotone fit in d); catch_up: the
+            draft forward over the tokens committed by the previous step.
 E[...]      1 + the sum over the tree's nodes of their acceptance probability. A few short
             calibration generations grow a large tree (CALIBRATION_SHAPE) at every step and
             record all candidates; a node counts as accepted when its path from the root
@@ -67,7 +67,7 @@ CALIBRATION_TOKENS = 64
 PRIOR_STEPS = 20
 # exp(score) bin edges of the calibration map (finer where draft confidences cluster).
 BIN_EDGES = np.array([0.0, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0 + 1e-9])
-FORMAT = 1  # bump when the cached measurements change meaning
+FORMAT = 2  # bump when the cached measurements change meaning
 
 _MEMO: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
@@ -317,9 +317,13 @@ def measure_costs(gen, sizes=TREE_SIZES, depths=DEPTHS, topks=TOPKS, prefix: int
         grow(head, dcache, root_hidden, root, plen, min(max(sizes), 1 + TreeShape(1, d, k).candidates()), d, k)
 
     fns = {"catch_up": catch_up, **{f"{d},{k}": (lambda d=d, k=k: growth(d, k)) for d in depths for k in topks}}
-    draft = _median_times(fns, max(3, repeats // 2))
-    return Costs(list(sizes), [target[n] for n in sizes], {k: v for k, v in draft.items() if k != "catch_up"},
-                 draft["catch_up"])
+    draft = _median_times(fns, max(3, repeats - 2))
+    # A bigger tree never costs less: a monotone fit removes the noise that would say otherwise.
+    for k in topks:
+        keys = [f"{d},{k}" for d in depths]
+        draft.update(zip(keys, _isotonic(np.array([draft[x] for x in keys]), np.ones(len(keys)))))
+    return Costs(list(sizes), [float(t) for t in _isotonic(np.array([target[n] for n in sizes]), np.ones(len(sizes)))],
+                 {k: float(v) for k, v in draft.items() if k != "catch_up"}, draft["catch_up"])
 
 
 # ---- cache -----------------------------------------------------------------------------------
