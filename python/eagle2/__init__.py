@@ -84,8 +84,9 @@ class Generator:
         method: "eagle2" | "vanilla" | "hf". total_tokens / depth / topk override the tree
         shape (m nodes per tree including the root, deepest draft level, children per node);
         total_tokens "auto" (or a Generator built with shape="auto") picks all three from
-        measured costs (eagle2.autotune). seed makes sampling reproducible. stream(index, new_token_ids) is called as tokens are
-        committed (eagle2 and vanilla). Returns one Result per prompt, in order.
+        measured costs (eagle2.autotune). seed makes sampling reproducible.
+        stream(index, new_token_ids) is called as tokens are committed (eagle2 and vanilla).
+        Returns one Result per prompt, in order.
         """
         if method not in METHODS:
             raise ValueError(f"method: expected one of {', '.join(METHODS)}, got {method!r}")
@@ -120,10 +121,14 @@ class Generator:
 
 
 def load(target: str | None = None, draft: str | None = None, dtype: torch.dtype = torch.float32,
-         device: str | torch.device = "cpu", shape: TreeShape = DEFAULT_SHAPE) -> Generator:
+         device: str | torch.device = "cpu", shape: TreeShape | str = "auto") -> Generator:
     """Load a target (a local HF checkpoint folder; None = the embedded SmolLM2-135M-Instruct)
     and a draft head (an EAGLE-1/2 folder; None = the head shipped for the default target, or
-    no head for another target, which then supports only 'vanilla' and 'hf')."""
+    no head for another target, which then supports only 'vanilla' and 'hf').
+
+    shape: the tree shape, or "auto" (default): chosen from the target's and the draft's costs
+    measured on this machine on first use (eagle2.autotune; about a minute on a CPU, then
+    cached), which beat every fixed shape in bench/results/sweep.json."""
     from .model import load_target
 
     model, tokenizer = load_target(target, dtype=dtype, device=device)
