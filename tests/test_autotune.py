@@ -177,3 +177,12 @@ def test_auto_shape_decodes_exactly(gen, fast_tuning):
     assert [r.tokens for r in by_default.generate(prompts, max_new_tokens=16)] == [r.tokens for r in vanilla]
     assert [r.tokens for r in by_default.generate(prompts, max_new_tokens=16, method="vanilla")] == \
         [r.tokens for r in vanilla]
+    # Explicit sizes still win over the "auto" default: a one-node tree is plain decoding.
+    one = by_default.generate(prompts, max_new_tokens=16, total_tokens=1)
+    assert [r.target_forwards for r in one] == [r.target_forwards for r in vanilla]
+    # ... and a fully explicit shape measures nothing.
+    at.forget(by_default)
+    calls, _ = fast_tuning
+    before = dict(calls)
+    explicit = by_default.generate(prompts, max_new_tokens=16, total_tokens=6, depth=3, topk=2)
+    assert [r.tokens for r in explicit] == [r.tokens for r in vanilla] and calls == before

@@ -94,13 +94,15 @@ class Generator:
             prompts = [prompts]
         ids = [self.encode(p) for p in prompts]
         sampling = Sampling(temperature, top_p, top_k)
-        base = self.shape
-        if method == "eagle2" and self.head is not None and "auto" in (base, total_tokens):
-            from .autotune import tuned_shape  # measured once per machine/model/head, then cached
+        shape = None if self.shape == "auto" else self.shape
+        if method == "eagle2" and self.head is not None:
+            if total_tokens == "auto" or (shape is None and None in (total_tokens, depth, topk)):
+                from .autotune import tuned_shape  # measured once per machine/model/head, then cached
 
-            base, total_tokens = tuned_shape(self, temperature), None
-        shape = None if "auto" in (base, total_tokens) else TreeShape(*(self_v if v is None else v for v, self_v in
-                                                        zip((total_tokens, depth, topk), (base.total_tokens, base.depth, base.topk))))
+                shape = tuned_shape(self, temperature)
+                total_tokens = None if total_tokens == "auto" else total_tokens
+            shape = TreeShape(*(getattr(shape, name) if v is None else v for v, name in
+                                zip((total_tokens, depth, topk), ("total_tokens", "depth", "topk"))))
         if method == "hf":
             pad = getattr(self.tokenizer, "pad_token_id", None)
             pad = pad if pad is not None else min(self.eos_ids, default=0)
