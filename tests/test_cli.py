@@ -49,9 +49,11 @@ def test_json_lines_and_methods_agree(folders, capsys):
 
 
 def test_limit_and_streamed_text(folders, capsys):
+    # An explicit shape: the default ("auto") would first measure this random model's costs.
+    shape = ["--total-tokens", "6", "--depth", "3", "--topk", "2"]
     [row] = [json.loads(line) for line in run(capsys, "generate", "--prompts", str(folders / "prompts.jsonl"), "--limit",
-                                              "1", "--json", "--max-new-tokens", "8", *base(folders)).out.splitlines()]
-    streamed = run(capsys, "generate", "Name three colours.", "--max-new-tokens", "8", *base(folders))
+                                              "1", "--json", "--max-new-tokens", "8", *shape, *base(folders)).out.splitlines()]
+    streamed = run(capsys, "generate", "Name three colours.", "--max-new-tokens", "8", *shape, *base(folders))
     assert streamed.out == row["text"] + "\n"
     assert f"[eagle2] 0: {row['new_tokens']} tokens" in streamed.err
 

@@ -96,13 +96,15 @@ class Generator:
         sampling = Sampling(temperature, top_p, top_k)
         shape = None if self.shape == "auto" else self.shape
         if method == "eagle2" and self.head is not None:
-            if total_tokens == "auto" or (shape is None and None in (total_tokens, depth, topk)):
+            names, given = ("total_tokens", "depth", "topk"), (total_tokens, depth, topk)
+            TreeShape(*(1 if v in (None, "auto") else v for v in given))  # bad values fail before any tuning
+            if total_tokens == "auto" or (shape is None and None in given):
                 from .autotune import tuned_shape  # measured once per machine/model/head, then cached
 
                 shape = tuned_shape(self, temperature)
                 total_tokens = None if total_tokens == "auto" else total_tokens
             shape = TreeShape(*(getattr(shape, name) if v is None else v for v, name in
-                                zip((total_tokens, depth, topk), ("total_tokens", "depth", "topk"))))
+                                zip((total_tokens, depth, topk), names)))
         if method == "hf":
             pad = getattr(self.tokenizer, "pad_token_id", None)
             pad = pad if pad is not None else min(self.eos_ids, default=0)

@@ -337,8 +337,10 @@ def head_digest(head) -> str:
 
 
 def _model_id(model) -> str:
-    """Config + a sample of the weights: tells checkpoints apart without hashing all of them."""
-    h = hashlib.sha256(model.config.to_json_string(use_diff=False).encode())
+    """Config + a sample of the weights: tells checkpoints apart without hashing all of them
+    (and without their folder: a moved checkpoint keeps its measurements)."""
+    config = {k: v for k, v in model.config.to_dict().items() if k != "_name_or_path"}
+    h = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
     for p in list(model.parameters())[:: max(1, len(list(model.parameters())) // 8)]:
         h.update(p.detach().reshape(-1)[:64].float().cpu().numpy().tobytes())
     return h.hexdigest()[:24]
