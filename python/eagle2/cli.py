@@ -69,21 +69,12 @@ def tree_size(text: str):
 
 def read_prompts(path: str, limit: int | None) -> list[tuple[str, str]]:
     """(id, prompt) pairs from a JSONL file with a 'prompt' field per line."""
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise SystemExit(f"eagle2: {path}:{lineno}: not JSON ({e})")
-            if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str):
-                raise SystemExit(f"eagle2: {path}:{lineno}: expected an object with a string 'prompt' field")
-            out.append((str(rec.get("id", lineno)), rec["prompt"]))
-            if limit is not None and len(out) >= limit:
-                break
-    return out
+    from .bench import load_items
+
+    try:
+        return [(item["id"], item["prompt"]) for item in load_items(path, limit)]
+    except ValueError as e:
+        raise SystemExit(f"eagle2: {e}")
 
 
 def run_generate(args) -> int:
