@@ -125,7 +125,9 @@ def test_reduced_vocabulary(tmp_path, target):
     full.attach(target)
     f, t, p = inputs(target)
     hidden = head(f, t, p)
-    assert torch.equal(head.logits(hidden), full.logits(hidden)[..., d2t])
+    # The reduced lm_head is a [5, h] GEMM, the full one [160, h]: BLAS may sum each dot product
+    # in another order for another shape (MKL does on AMD EPYC), so equal only within rounding.
+    torch.testing.assert_close(head.logits(hidden), full.logits(hidden)[..., d2t], rtol=1e-12, atol=1e-12)
     assert head.to_target_ids(torch.tensor([2, 0], dtype=torch.int32)).tolist() == [150, 7]
     head.save_pretrained(tmp_path)
     assert torch.equal(load_file(str(tmp_path / "model.safetensors"))["d2t"], d2t)
