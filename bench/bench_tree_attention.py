@@ -23,15 +23,13 @@ HQ, HKV, D = 32, 8, 128
 
 def tree_bits(B: int, m: int, g: torch.Generator) -> torch.Tensor:
     """int32 [B, m, ceil(m / 32)] ancestor masks of random trees (node j's parent < j)."""
-    W = (m + 31) // 32
-    anc = torch.zeros(B, m, 32 * W, dtype=torch.bool)
+    anc = torch.zeros(B, m, m, dtype=torch.bool)
     for b in range(B):
         for j in range(m):
             if j:
                 anc[b, j] = anc[b, int(torch.randint(0, j, (1,), generator=g))]
             anc[b, j, j] = True
-    words = (anc.reshape(B, m, W, 32).long() << torch.arange(32)).sum(-1)
-    return torch.where(words >= 2**31, words - 2**32, words).int()
+    return ek.pack_mask_bits(anc)
 
 
 def sdpa_fn(q, k, v, bits, prefix_len, scale):

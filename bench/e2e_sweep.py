@@ -2,7 +2,7 @@
 total_tokens (and a few depth / top-k variants), the tuned "auto" shape and the paper's fixed
 60/6/10, all interleaved per prompt in one process (eagle2.bench.run_bench).
 
-    OMP_NUM_THREADS=2 python bench/e2e_sweep.py --prompts ../shared/data/dev_prompts.jsonl \\
+    OMP_NUM_THREADS=2 python bench/e2e_sweep.py --prompts data/dev_prompts.jsonl \\
         --per-category 2 --max-new-tokens 64 --out bench/results/sweep
 
 writes bench/results/sweep.json (header: machine, date, versions, command; rows; summary) and
@@ -18,12 +18,13 @@ import sys
 from pathlib import Path
 
 from eagle2 import bench
+from eagle2.prompts import load_items
 
 PAPER = (60, 6, 10)
 
 
 def shapes_to_sweep(auto, families, sizes, variants) -> list[tuple[int, int, int]]:
-    """The total_tokens series of each (depth, topk) family, the depth/top-k variants at the
+    """The total_tokens series of each (depth, branching) family, the depth/branching variants at the
     auto shape's total_tokens (at least 8), the auto shape itself and the paper's; no
     duplicates, order kept."""
     out = [(m, d, k) for d, k in families for m in sizes if m <= 1 + k + (d - 1) * k * k]
@@ -96,14 +97,14 @@ def main(argv=None) -> int:
         forget(gen)
     env = bench.environment(gen)
     auto = tuned_shape(gen, args.temperature)
-    auto = (auto.total_tokens, auto.depth, auto.topk)
+    auto = (auto.total_tokens, auto.depth, auto.branching)
     families = list(dict.fromkeys(auto[1:] if f == "auto" else pair(f) for f in args.families.split(",")))
     shapes = shapes_to_sweep(auto, families, [int(x) for x in args.sizes.split(",")],
                              [pair(v) for v in args.variants.split(",") if v])
     shapes += [pair(s) for s in args.extra.split(",") if s and pair(s) not in shapes]
     labels = ["vanilla", "eagle2@auto"] + [f"eagle2@{m}/{d}/{k}" for m, d, k in shapes if (m, d, k) != auto]
     methods = bench.parse_methods(",".join(labels))
-    items = bench.load_items(args.prompts, args.limit, args.per_category)
+    items = load_items(args.prompts, args.limit, args.per_category)
     print(f"[sweep] {len(items)} prompts x {len(methods)} methods; auto = {auto}", file=sys.stderr, flush=True)
     res = bench.run_bench(gen, items, methods, max_new_tokens=args.max_new_tokens, temperature=args.temperature)
     env["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]

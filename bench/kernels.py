@@ -23,20 +23,7 @@ from pathlib import Path
 import torch
 
 from _harness import time_ms
-
-OPS = ("frontier_expand", "rerank", "tree_attention", "tree_verify", "kv_compact")
-
-
-def machine(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+from eagle2_kernels import OPS, device_name
 
 
 def triton_version() -> str:
@@ -60,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     iters = args.iters or (3 if args.quick else 100 if device.type == "cuda" else 10)
     warmup = 1 if args.quick else 5
     header = {
-        "machine": machine(device),
+        "machine": device_name(device),
         "device": str(device),
         "torch": torch.__version__,
         "triton": triton_version(),

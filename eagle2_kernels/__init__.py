@@ -9,18 +9,22 @@ Public ops (batched, leading dim B >= 1; indices int32, scores float32):
 
 Each op validates its arguments (ValueError naming the argument), then dispatches by device
 to the fastest available backend, or to the one named by `backend=`. `backends()` says what
-this installation can run. `eagle2_kernels.reference` holds the PyTorch specification.
+this installation can run, `device_name(device)` what runs it. `eagle2_kernels.reference` holds the PyTorch specification.
+`pack_mask_bits` builds the bit-packed tree masks that rerank returns and tree_attention takes.
 """
-from ._backend import backends
+from ._backend import backends, device_name
 from .ops.frontier_expand import frontier_expand
 from .ops.kv_compact import kv_compact
 from .ops.rerank import rerank
 from .ops.tree_attention import tree_attention
 from .ops.tree_verify import tree_verify
-from .reference import FrontierExpansion, Tree, VerifyResult
+from .reference import FrontierExpansion, Tree, VerifyResult, pack_mask_bits
+
+# Every public op, in pipeline order (the tests, the benchmarks and CI iterate over this).
+OPS = ("frontier_expand", "rerank", "tree_attention", "tree_verify", "kv_compact")
 
 __all__ = [
-    "FrontierExpansion", "Tree", "VerifyResult", "backends", "frontier_expand", "kv_compact",
-    "rerank", "tree_attention", "tree_verify",
+    "OPS", "FrontierExpansion", "Tree", "VerifyResult", "backends", "device_name", "frontier_expand", "kv_compact",
+    "pack_mask_bits", "rerank", "tree_attention", "tree_verify",
 ]
 __version__ = "0.1.0"

@@ -15,6 +15,7 @@ import contextlib
 import functools
 import importlib
 import os
+import platform
 
 import torch
 
@@ -62,6 +63,22 @@ def backends() -> dict[str, str]:
         "triton": _triton_status(),
     }
     return {k: "available" if v is None else v for k, v in status.items()}
+
+
+def device_name(device: torch.device | str = "cpu") -> str:
+    """What runs `device`'s kernels: the CUDA card's name, else the CPU model (for benchmark
+    and cache headers)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def native(backend: str):

@@ -211,13 +211,9 @@ def rerank(
         node = torch.where(alive, parents.gather(1, node.clamp(min=0)), node)
     anc = anc[..., :L]
 
-    W = (m + 31) // 32
-    bits = torch.zeros((B, m, W * 32 + 1), dtype=torch.bool, device=dev)  # last column: sink for -1
-    bits.scatter_(2, torch.where(anc >= 0, anc, W * 32), True)
-    bits = bits[..., : W * 32]
-    weights = (torch.ones(32, dtype=torch.long, device=dev) << torch.arange(32, device=dev))
-    words = (bits.reshape(B, m, W, 32).long() * weights).sum(-1)
-    mask_bits = torch.where(words >= 2**31, words - 2**32, words).int()  # reinterpret as int32
+    visible = torch.zeros((B, m, m + 1), dtype=torch.bool, device=dev)  # last column: sink for -1
+    visible.scatter_(2, torch.where(anc >= 0, anc, m), True)
+    mask_bits = pack_mask_bits(visible[..., :m])
 
     has_child = torch.zeros((B, m + 1), dtype=torch.bool, device=dev)
     has_child.scatter_(1, (parents + 1).clamp(min=0)[:, 1:], True)  # parent p -> slot p + 1
@@ -233,6 +229,17 @@ def rerank(
         tokens.int(), parents.int(), depth.int(), positions.int(), mask_bits,
         paths.int().contiguous(), num_leaves.int(),
     )
+
+
+def pack_mask_bits(visible: torch.Tensor) -> torch.Tensor:
+    """Bool [..., n] -> the kernels' mask words int32 [..., ceil(n / 32)]: bit j % 32 of word
+    j // 32 is visible[..., j] (bit 31 is the sign bit). The inverse is `tree_mask_visible`."""
+    n = visible.shape[-1]
+    W = (n + 31) // 32
+    padded = torch.zeros((*visible.shape[:-1], W * 32), dtype=torch.int64, device=visible.device)
+    padded[..., :n] = visible.long()
+    words = (padded.view(*visible.shape[:-1], W, 32) << torch.arange(32, device=visible.device)).sum(-1)
+    return torch.where(words >= 2**31, words - 2**32, words).int()  # reinterpret bit 31 as the sign
 
 
 def tree_mask_visible(tree_mask_bits: torch.Tensor, prefix_len: torch.Tensor, num_keys: int) -> torch.Tensor:

@@ -13,9 +13,9 @@ from eagle2 import Generator, TreeShape
 from eagle2 import autotune as at
 
 
-def costs(target, draft_per_level=0.1, catch_up=0.0, depths=range(1, 9), topks=(1, 2, 4)):
+def costs(target, draft_per_level=0.1, catch_up=0.0, depths=range(1, 9), branchings=(1, 2, 4)):
     sizes = [1, 2, 4, 8, 16, 32, 64]
-    return at.Costs(sizes, [target(m) for m in sizes], {f"{d},{k}": draft_per_level * d for d in depths for k in topks},
+    return at.Costs(sizes, [target(m) for m in sizes], {f"{d},{k}": draft_per_level * d for d in depths for k in branchings},
                     catch_up)
 
 
@@ -56,7 +56,7 @@ def test_choose_falls_back_to_the_root_when_the_draft_is_useless():
 
 def test_choose_respects_the_number_of_candidates():
     shape, _ = at.choose(costs(lambda m: 1.0), acceptance({(2, 1): [float(m) for m in range(1, 65)]}))
-    assert shape.total_tokens <= 1 + TreeShape(1, shape.depth, shape.topk).candidates()
+    assert shape.total_tokens <= 1 + TreeShape(1, shape.depth, shape.branching).candidates()
 
 
 def test_calibration_recovers_a_known_acceptance_rate():
@@ -103,7 +103,7 @@ def gen():
     return Generator(target, head=cheat_head(target), shape=TreeShape(6, 3, 2))
 
 
-SMALL = dict(sizes=(1, 2, 4, 8), depths=(1, 2, 3), topks=(1, 2), prefix=32, repeats=3)
+SMALL = dict(sizes=(1, 2, 4, 8), depths=(1, 2, 3), branchings=(1, 2), prefix=32, repeats=3)
 
 
 def test_measurements_on_a_tiny_model(gen, monkeypatch):
@@ -111,7 +111,7 @@ def test_measurements_on_a_tiny_model(gen, monkeypatch):
     assert c.sizes == [1, 2, 4, 8] and all(t > 0 for t in c.target) and c.catch_up > 0
     assert set(c.draft) == {f"{d},{k}" for d in (1, 2, 3) for k in (1, 2)}
     monkeypatch.setattr(at, "DEPTHS", (1, 2, 3))
-    monkeypatch.setattr(at, "TOPKS", (1, 2))
+    monkeypatch.setattr(at, "BRANCHINGS", (1, 2))
     acc = at.measure_acceptance(gen, prompts=ragged_prompts(2, 160, seed=3, min_len=4), max_new_tokens=16, max_m=8)
     assert acc.steps > 0 and set(acc.expected) == set(c.draft)
     # The cheat head guesses the tiny target well: calibration must see accepted drafts.
@@ -129,7 +129,7 @@ def fast_tuning(monkeypatch, tmp_path):
     """Cache in tmp_path; small grids; count the measurements."""
     monkeypatch.setenv("EAGLE2_CACHE", str(tmp_path))
     monkeypatch.setattr(at, "DEPTHS", (1, 2, 3))
-    monkeypatch.setattr(at, "TOPKS", (1, 2))
+    monkeypatch.setattr(at, "BRANCHINGS", (1, 2))
     calls = {"costs": 0, "acceptance": 0}
 
     def counted(name, fn):
@@ -184,5 +184,5 @@ def test_auto_shape_decodes_exactly(gen, fast_tuning):
     at.forget(by_default)
     calls, _ = fast_tuning
     before = dict(calls)
-    explicit = by_default.generate(prompts, max_new_tokens=16, total_tokens=6, depth=3, topk=2)
+    explicit = by_default.generate(prompts, max_new_tokens=16, total_tokens=6, depth=3, branching=2)
     assert [r.tokens for r in explicit] == [r.tokens for r in vanilla] and calls == before

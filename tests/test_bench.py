@@ -7,9 +7,10 @@ import pytest
 from loop_helpers import cheat_head, one_thread, tiny_target  # noqa: F401
 from transformers import AutoTokenizer
 
-from eagle2 import Result, bench
+from eagle2 import Generator, Result, TreeShape, bench
 from eagle2.cli import main
 from eagle2.model import default_target_dir
+from eagle2.prompts import load_items
 
 
 def test_parse_methods():
@@ -28,19 +29,20 @@ def test_load_items_groups_and_selects(tmp_path):
     recs += [{"id": "c", "category": "coding", "prompt": "r"}, {"prompt": "s"}]
     f = tmp_path / "p.jsonl"
     f.write_text("\n".join(json.dumps(r) for r in recs) + "\n\n")
-    items = bench.load_items(str(f), per_category=2)
+    items = load_items(str(f), per_category=2)
     assert [(i["id"], i["group"]) for i in items] == [("m0", "mt_bench"), ("m1", "mt_bench"), ("g0", "gsm8k"),
                                                       ("g1", "gsm8k"), ("c", "coding"), ("8", "all")]
-    assert [i["id"] for i in bench.load_items(str(f), limit=2)] == ["m0", "m1"]
+    assert [i["id"] for i in load_items(str(f), limit=2)] == ["m0", "m1"]
     f.write_text('{"prompt": 3}\n')
     with pytest.raises(ValueError, match="string 'prompt'"):
-        bench.load_items(str(f))
+        load_items(str(f))
 
 
 class FakeGen:
     """Records the order of generate calls; vanilla is twice as slow as eagle2 (in forwards)."""
 
-    shape, head, eos_ids = (6, 3, 2), object(), frozenset()
+    shape, head, eos_ids = TreeShape(6, 3, 2), object(), frozenset()
+    tree_shape = Generator.tree_shape
 
     def __init__(self):
         self.calls = []
@@ -48,7 +50,7 @@ class FakeGen:
     def encode(self, prompt):
         return [len(prompt)]
 
-    def generate(self, prompts, max_new_tokens, temperature, seed, method, total_tokens, depth, topk):
+    def generate(self, prompts, max_new_tokens, temperature, seed, method, total_tokens, depth, branching):
         self.calls.append((prompts[0][0], method, total_tokens))
         toks = list(range(max_new_tokens))
         forwards = max_new_tokens if method == "vanilla" else 1 + (max_new_tokens - 1) // 3

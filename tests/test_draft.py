@@ -7,7 +7,8 @@ import torch
 from loop_helpers import one_thread, random_head, tiny_target  # noqa: F401
 from safetensors.torch import load_file, save_file
 
-from eagle2.attention import chain_bits, pack_bits
+from eagle2.attention import chain_bits
+from eagle2_kernels import pack_mask_bits
 from eagle2.cache import KVCache
 from eagle2.draft import DraftHead
 
@@ -167,7 +168,7 @@ def test_tree_mask_sees_only_ancestors(target):
     tree_t = torch.stack([t[0, 3], t[0, 4], t[0, 5]])[None]
     tree_p = torch.tensor([[4, 4, 5]])
     visible = torch.tensor([[1, 0, 0], [0, 1, 0], [0, 1, 1]], dtype=torch.bool)[None]
-    out = head(tree_f, tree_t, tree_p, cache=cache, mask_bits=pack_bits(visible), prefix_len=cache.lengths.clone())
+    out = head(tree_f, tree_t, tree_p, cache=cache, mask_bits=pack_mask_bits(visible), prefix_len=cache.lengths.clone())
     path_b_c = torch.cat([f[:, :3], tree_f[:, 1:]], 1), torch.cat([t[:, :3], tree_t[:, 1:]], 1), torch.tensor([[1, 2, 3, 4, 5]])
     path_a = torch.cat([f[:, :3], tree_f[:, :1]], 1), torch.cat([t[:, :3], tree_t[:, :1]], 1), torch.tensor([[1, 2, 3, 4]])
     torch.testing.assert_close(out[:, 1:], head(*path_b_c)[:, 3:], rtol=1e-12, atol=1e-12)

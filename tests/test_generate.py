@@ -37,7 +37,7 @@ def test_greedy_equals_vanilla_and_hf(target, heads):
         for kind, head in heads.items():
             gen.head = head
             out = gen.generate(prompts, max_new_tokens=24, total_tokens=shape.total_tokens, depth=shape.depth,
-                               topk=shape.topk)
+                               branching=shape.branching)
             assert [r.tokens for r in out] == [r.tokens for r in vanilla], (kind, shape)
             if kind == "cheat" and shape.total_tokens > 1:
                 # the multi-token path must really be exercised
@@ -81,7 +81,7 @@ def test_eos_truncates_and_rows_finish_independently(target, heads):
         out = gen.generate(prompts, max_new_tokens=30, method=method)
         assert [r.tokens for r in out] == expected, method
     # A tree that accepts past the EOS still stops there.
-    out = gen.generate(prompts, max_new_tokens=30, total_tokens=16, depth=6, topk=2)
+    out = gen.generate(prompts, max_new_tokens=30, total_tokens=16, depth=6, branching=2)
     assert [r.tokens for r in out] == expected
 
 
@@ -89,7 +89,7 @@ def test_eos_truncates_and_rows_finish_independently(target, heads):
 def test_max_new_tokens_exact(target, heads, max_new):
     prompts = ragged_prompts(3, 160, seed=5)
     gen = Generator(target, head=heads["cheat"], eos_token_ids=[])
-    out = gen.generate(prompts, max_new_tokens=max_new, total_tokens=12, depth=5, topk=3)
+    out = gen.generate(prompts, max_new_tokens=max_new, total_tokens=12, depth=5, branching=3)
     van = gen.generate(prompts, max_new_tokens=max_new, method="vanilla")
     assert [len(r.tokens) for r in out] == [max_new] * 3
     assert [r.tokens for r in out] == [r.tokens for r in van]
@@ -142,8 +142,10 @@ def test_bad_input(target, heads):
         gen.generate([[5]], temperature=-1.0)
     with pytest.raises(ValueError, match="top_p"):
         gen.generate([[5]], temperature=1.0, top_p=0.0)
-    with pytest.raises(ValueError, match="topk"):
-        gen.generate([[5]], topk=-2)
+    with pytest.raises(ValueError, match="branching"):
+        gen.generate([[5]], branching=-2)
+    with pytest.warns(DeprecationWarning, match="branching"), pytest.raises(ValueError, match="branching"):
+        gen.generate([[5]], topk=-2)  # the old name still works, with a warning
     with pytest.raises(ValueError, match="text needs a tokenizer"):
         gen.generate(["hello"])
     with pytest.raises(ValueError, match="draft head"):

@@ -6,7 +6,8 @@ from loop_helpers import one_thread, tiny_target  # noqa: F401
 from transformers.cache_utils import Cache
 
 import eagle2_kernels
-from eagle2.attention import NAME, chain_bits, pack_bits, target_forward
+from eagle2.attention import NAME, chain_bits, target_forward
+from eagle2_kernels import pack_mask_bits
 from eagle2.cache import KVCache
 
 
@@ -71,7 +72,7 @@ def test_tree_forward_and_compaction(model):
     cache.extend(torch.tensor([4]))
     P = len(prefix)
     feats = target_forward(model, torch.tensor([tokens]), torch.tensor([[P + d for d in depth]]), cache,
-                           pack_bits(visible[None]), cache.lengths.clone())
+                           pack_mask_bits(visible[None]), cache.lengths.clone())
     logits = features_to_logits(model, feats)[0]
     for i in range(6):
         path = [tokens[j] for j in range(6) if visible[i, j]]

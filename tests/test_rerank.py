@@ -99,14 +99,16 @@ def brute_force(scores, parents, tokens, root, prefix, m, L):
             while npar[c[-1]] >= 0:
                 c.append(npar[c[-1]])
             chains.append(c[::-1])
-        mask = [[sum(1 << (a % 32) for a in c if a // 32 == w) for w in range(W)] for c in chains]
+        mask = torch.zeros(m, m, dtype=torch.bool)
+        for j, c in enumerate(chains):
+            mask[j, c] = True
         leaves = [j for j in range(m) if j not in npar]
         paths = [(chains[j] + [-1] * L)[:L] for j in leaves] + [[-1] * L] * (m - len(leaves))
         out["tokens"].append([int(root[b])] + [int(tokens[b, c]) for c in kept])
         out["parents"].append(npar)
         out["depth"].append(ndep)
         out["positions"].append([int(prefix[b]) + d for d in ndep])
-        out["mask_bits"].append([[w - 2**32 if w >= 2**31 else w for w in row] for row in mask])
+        out["mask_bits"].append(reference.pack_mask_bits(mask).tolist())
         out["paths"].append(paths)
         out["num_leaves"].append(len(leaves))
     shapes = dict(mask_bits=(-1, m, W), paths=(-1, m, L), num_leaves=(-1,))
@@ -263,3 +265,15 @@ def good_inputs():
 def test_bad_input_raises(backend, name, bad):
     with pytest.raises(ValueError, match=f"^{name}"):
         ek.rerank(**bad(good_inputs()), backend=backend)
+
+
+@given(st.integers(1, 100), st.integers(0, 2**32 - 1))
+def test_pack_mask_bits_against_integer_arithmetic(n, seed):
+    """Bit j % 32 of word j // 32, as a two's-complement int32; tree_mask_visible inverts it."""
+    visible = torch.rand(3, n, generator=torch.Generator().manual_seed(seed)) < 0.5
+    W = (n + 31) // 32
+    want = [[sum(1 << (j % 32) for j in range(n) if row[j] and j // 32 == w) for w in range(W)] for row in visible.tolist()]
+    want = [[w - 2**32 if w >= 2**31 else w for w in row] for row in want]
+    bits = reference.pack_mask_bits(visible)
+    assert bits.dtype == torch.int32 and bits.tolist() == want
+    assert torch.equal(reference.tree_mask_visible(bits[:, None], torch.zeros(3, dtype=torch.int32), n)[:, 0], visible)

@@ -114,7 +114,7 @@ def test_reduced_vocab_commits_the_same_greedy_tokens(tiny_data, tiny_target, tm
     outputs = []
     for head in (None, full, small):
         gen = eagle2.Generator(target, None, head.double() if head is not None else None,
-                               shape=eagle2.TreeShape(total_tokens=8, depth=4, topk=3))
+                               shape=eagle2.TreeShape(total_tokens=8, depth=4, branching=3))
         res = gen.generate(prompts, max_new_tokens=24, method="vanilla" if head is None else "eagle2")
         outputs.append([r.tokens for r in res])
     assert outputs[1] == outputs[0] and outputs[2] == outputs[0]

@@ -29,14 +29,6 @@ def device_of(backend: str) -> torch.device:
     return torch.device("cuda" if backend == "cuda" or (backend == "triton" and torch.cuda.is_available()) else "cpu")
 
 
-def pack_bits(visible: torch.Tensor) -> torch.Tensor:
-    """Bool [B, n, 32 * W] -> int32 mask words [B, n, W] (bit j % 32 of word j // 32)."""
-    B, n, bits = visible.shape
-    weights = torch.ones(32, dtype=torch.long) << torch.arange(32)
-    words = (visible.reshape(B, n, bits // 32, 32).long() * weights).sum(-1)
-    return torch.where(words >= 2**31, words - 2**32, words).int()
-
-
 def ancestor_rows(parents: list[int], queries: int) -> torch.Tensor:
     """Bool [queries, T]: the ancestor-closed mask rows (node and its ancestors) of the last
     `queries` of the T nodes, parents[j] < j (-1 for the root)."""
@@ -86,11 +78,11 @@ def attention_inputs(draw):
             parents = [-1] + [int(torch.randint(0, j, (1,), generator=g)) for j in range(1, tree)]
             rows.append(ancestor_rows(parents, n))
         visible = torch.nn.functional.pad(torch.stack(rows), (0, 32 * W - tree))
-        bits = pack_bits(visible)
+        bits = ek.pack_mask_bits(visible)
     elif kind == "random":  # every bit pattern, bit 31 and bits past the tree included
         bits = torch.randint(-(2**31), 2**31, (B, n, W), generator=g, dtype=torch.int64).int()
     else:
-        bits = pack_bits(torch.rand(B, n, 32 * W, generator=g) < 0.1)
+        bits = ek.pack_mask_bits(torch.rand(B, n, 32 * W, generator=g) < 0.1)
     if draw(st.booleans()):  # rows that see no tree key (and nothing at all where prefix_len is 0)
         bits[torch.rand(B, n, generator=g) < 0.3] = 0
 
@@ -121,7 +113,7 @@ def test_long_ragged_prefixes(backend, dtype):
     B, Hkv, group, n, d, S = 3, 2, 4, 12, 64, 2100
     prefix_len = torch.tensor([2000, 700, 0], dtype=torch.int32)
     parents = [-1] + [int(torch.randint(0, j, (1,), generator=g)) for j in range(1, n)]
-    bits = pack_bits(torch.nn.functional.pad(ancestor_rows(parents, n), (0, 32 - n)).expand(B, n, 32))
+    bits = ek.pack_mask_bits(torch.nn.functional.pad(ancestor_rows(parents, n), (0, 32 - n)).expand(B, n, 32))
     q = torch.randn(B, Hkv * group, n, d, generator=g).to(dtype)
     k, v = (torch.randn(B, Hkv, S, d, generator=g).to(dtype) for _ in range(2))
     check(backend, q, k, v, bits, prefix_len)
@@ -152,7 +144,7 @@ def test_out_preallocated(backend):
     B, Hkv, group, n, d, S = 2, 2, 2, 5, 16, 40
     q = torch.randn(B, Hkv * group, n, d, generator=g)
     k, v = torch.randn(B, Hkv, S, d, generator=g), torch.randn(B, Hkv, S, d, generator=g)
-    bits = pack_bits(torch.rand(B, n, 32, generator=g) < 0.5)
+    bits = ek.pack_mask_bits(torch.rand(B, n, 32, generator=g) < 0.5)
     prefix_len = torch.tensor([30, 12], dtype=torch.int32)
     out = torch.full((B, Hkv * group, n, d), float("nan"), device=dev)
     args = [t.to(dev) for t in (q, k, v, bits, prefix_len)]

@@ -69,17 +69,7 @@ def target_forward(model, input_ids: torch.Tensor, position_ids: torch.Tensor, c
     return out.last_hidden_state
 
 
-def pack_bits(visible: torch.Tensor) -> torch.Tensor:
-    """Bool [..., n] -> int32 [..., ceil(n / 32)]: bit j % 32 of word j // 32 is visible[..., j]."""
-    n = visible.shape[-1]
-    W = (n + 31) // 32
-    padded = torch.zeros((*visible.shape[:-1], W * 32), dtype=torch.int64, device=visible.device)
-    padded[..., :n] = visible.long()
-    words = (padded.view(*visible.shape[:-1], W, 32) << torch.arange(32, device=visible.device)).sum(-1)
-    return torch.where(words >= 2**31, words - 2**32, words).int()  # reinterpret bit 31 as the sign
-
-
 def chain_bits(n: int, batch: int, device=None) -> torch.Tensor:
     """Causal mask bits [batch, n, ceil(n/32)] for n consecutive new tokens (token i sees 0..i)."""
     causal = torch.ones((n, n), dtype=torch.bool, device=device).tril()
-    return pack_bits(causal).expand(batch, n, (n + 31) // 32).contiguous()
+    return eagle2_kernels.pack_mask_bits(causal).expand(batch, n, (n + 31) // 32).contiguous()

@@ -1,7 +1,7 @@
-"""Tree shape "auto": choose total_tokens, depth and topk from measured costs.
+"""Tree shape "auto": choose total_tokens, depth and branching from measured costs.
 
 EAGLE-2's best tree depends on the hardware: on a GPU a 60-token verify costs about one
-single-token forward, on a CPU it costs several (DESIGN.md). So the shape is chosen to maximise
+single-token forward, on a CPU it costs several (README.md, "Measured numbers"). So the shape is chosen to maximise
 the expected committed tokens per second,
 
     rate(m, d, k) = E[accepted + 1 | m, d, k] / (catch_up + draft(d, k) + target(m))
@@ -41,23 +41,21 @@ import sys
 import time
 import weakref
 from dataclasses import asdict, dataclass
-from unittest import mock
 
 import numpy as np
 import torch
 
 import eagle2_kernels
 
-from . import tree as tree_module
 from .attention import chain_bits, target_forward
 from .cache import KVCache
 from .tree import TreeShape, grow
 
 TREE_SIZES = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64)
 DEPTHS = tuple(range(1, 9))
-TOPKS = (1, 2, 3, 4, 6, 8, 10)
+BRANCHINGS = (1, 2, 3, 4, 6, 8, 10)
 PREFIX = 256
-CALIBRATION_SHAPE = TreeShape(total_tokens=16, depth=max(DEPTHS), topk=max(TOPKS))
+CALIBRATION_SHAPE = TreeShape(total_tokens=16, depth=max(DEPTHS), branching=max(BRANCHINGS))
 CALIBRATION_PROMPTS = (
     "Write a short story about a lighthouse keeper who finds a message in a bottle.",
     "Write a Python function that returns the n-th Fibonacci number, with a docstring.",
@@ -82,9 +80,9 @@ class Costs:
     draft: dict[str, float]
     catch_up: float
 
-    def step_seconds(self, m: int, depth: int, topk: int) -> float:
+    def step_seconds(self, m: int, depth: int, branching: int) -> float:
         """Predicted wall time of one EAGLE-2 step (m = 1: the loop verifies the root alone)."""
-        grow_s = self.draft[f"{depth},{topk}"] if m > 1 else 0.0
+        grow_s = self.draft[f"{depth},{branching}"] if m > 1 else 0.0
         return self.catch_up + grow_s + float(np.interp(m, self.sizes, self.target))
 
 
@@ -101,23 +99,23 @@ class Acceptance:
 
 def choose(costs: Costs, acceptance: Acceptance, max_m: int | None = None) -> tuple[TreeShape, list[dict]]:
     """The shape with the highest expected committed tokens per second, and every candidate
-    [{m, depth, topk, tau, seconds, rate}] sorted best first. m is at most the largest measured
+    [{m, depth, branching, tau, seconds, rate}] sorted best first. m is at most the largest measured
     tree size (or max_m) and the number of candidates the growth produces."""
     limit = min(max(costs.sizes), max_m or max(costs.sizes))
-    rows = [{"m": 1, "depth": 1, "topk": 1, "tau": 1.0, "seconds": costs.step_seconds(1, 1, 1)}]
+    rows = [{"m": 1, "depth": 1, "branching": 1, "tau": 1.0, "seconds": costs.step_seconds(1, 1, 1)}]
     for key, curve in acceptance.expected.items():
         if key not in costs.draft:
             continue
         d, k = map(int, key.split(","))
         top = min(limit, len(curve), 1 + TreeShape(1, d, k).candidates())
         for m in range(2, top + 1):
-            rows.append({"m": m, "depth": d, "topk": k, "tau": curve[m - 1], "seconds": costs.step_seconds(m, d, k)})
+            rows.append({"m": m, "depth": d, "branching": k, "tau": curve[m - 1], "seconds": costs.step_seconds(m, d, k)})
     for r in rows:
         r["rate"] = r["tau"] / r["seconds"]
     # Prefer the cheaper shape among (near-)equal rates: smaller trees are less sensitive to noise.
-    rows.sort(key=lambda r: (-round(r["rate"], 6), r["m"], r["depth"], r["topk"]))
+    rows.sort(key=lambda r: (-round(r["rate"], 6), r["m"], r["depth"], r["branching"]))
     best = rows[0]
-    return TreeShape(best["m"], best["depth"], best["topk"]), rows
+    return TreeShape(best["m"], best["depth"], best["branching"]), rows
 
 
 # ---- acceptance ------------------------------------------------------------------------------
@@ -173,8 +171,8 @@ def label_step(scores, parents, tokens, continuation: list[int]) -> Step:
     return Step(np.asarray(scores, dtype=np.float64), np.asarray(parents), acc)
 
 
-def replay_order(step: Step, depth: int, topk: int) -> np.ndarray:
-    """Candidate indices that a growth with (depth, topk) would produce, in rerank order, replayed
+def replay_order(step: Step, depth: int, branching: int) -> np.ndarray:
+    """Candidate indices that a growth with (depth, branching) would produce, in rerank order, replayed
     from a larger captured growth. A frontier node that the large growth did not expand (rare:
     the smaller beam kept a node the larger one dropped) contributes no children."""
     s = step.scores
@@ -185,21 +183,21 @@ def replay_order(step: Step, depth: int, topk: int) -> np.ndarray:
         c.sort(key=lambda i: (-s[i], i))
     frontier, picked, level = [-1], [], {}
     for d in range(1, depth + 1):
-        new = [c for f in frontier for c in children.get(f, [])[:topk]]
+        new = [c for f in frontier for c in children.get(f, [])[:branching]]
         if not new:
             break
         picked += new
         level.update((c, d) for c in new)
-        frontier = sorted(new, key=lambda i: (-s[i], i))[:topk]
+        frontier = sorted(new, key=lambda i: (-s[i], i))[:branching]
     return np.array(sorted(picked, key=lambda i: (-s[i], level[i], i)), dtype=int)
 
 
 def acceptance_curves(steps: list[Step], rates: np.ndarray, max_m: int) -> Acceptance:
-    """E[accepted + 1] for m = 1..max_m nodes and every (depth, topk) in DEPTHS x TOPKS."""
+    """E[accepted + 1] for m = 1..max_m nodes and every (depth, branching) in DEPTHS x BRANCHINGS."""
     expected, scored, observed = {}, {}, {}
     n = len(steps)
     for d in DEPTHS:
-        for k in TOPKS:
+        for k in BRANCHINGS:
             e_sum, o_sum = np.zeros(max_m), np.zeros(max_m)
             for st in steps:
                 order = replay_order(st, d, k)[: max_m - 1]
@@ -214,27 +212,11 @@ def acceptance_curves(steps: list[Step], rates: np.ndarray, max_m: int) -> Accep
     return Acceptance(expected, scored, observed, n)
 
 
-class _Recorder:
-    """Stands in for the eagle2_kernels module inside eagle2.tree during calibration, recording
-    every candidate set that `grow` hands to rerank (all other ops pass straight through)."""
-
-    def __init__(self):
-        self.calls = []
-
-    def __getattr__(self, name):
-        return getattr(eagle2_kernels, name)
-
-    def rerank(self, scores, parents, tokens, root_tokens, prefix_len, m, **kwargs):
-        self.calls.append((scores[0].float().cpu().numpy(), parents[0].cpu().numpy(), tokens[0].cpu().numpy(),
-                           int(prefix_len[0])))
-        return eagle2_kernels.rerank(scores, parents, tokens, root_tokens, prefix_len, m, **kwargs)
-
-
 def measure_acceptance(gen, temperature: float = 0.0, prompts=None, max_new_tokens: int = CALIBRATION_TOKENS,
                        max_m: int = max(TREE_SIZES)) -> Acceptance:
     """Calibration generations with a large tree; acceptance curves for every candidate shape.
     prompts: str or token-id lists (default CALIBRATION_PROMPTS; random ids without a tokenizer)."""
-    from .generate import Sampling, decode
+    from .generate import Decoder, Sampling, prefill, speculate, verify
 
     if prompts is None:
         g = torch.Generator().manual_seed(0)
@@ -244,12 +226,20 @@ def measure_acceptance(gen, temperature: float = 0.0, prompts=None, max_new_toke
     steps = []
     for i, prompt in enumerate(prompts):
         ids = gen.encode(prompt)
-        rec = _Recorder()
-        with mock.patch.object(tree_module, "eagle2_kernels", rec):
-            [row] = decode(gen.model, [ids], max_new_tokens, head=gen.head, shape=CALIBRATION_SHAPE,
-                           sampling=Sampling(temperature), eos_ids=gen.eos_ids, seed=i)
+        dec = Decoder(gen.model, gen.head, CALIBRATION_SHAPE, Sampling(temperature), gen.eos_ids, max_new_tokens)
+        drafted = []  # per step: the candidates and the root's position
+        with torch.inference_mode():
+            batch = prefill(dec, [ids], seed=i)
+            while batch.rows:
+                root_pos = int(batch.tcache.lengths[0])
+                tree, cands = speculate(dec, batch)
+                if cands is not None:
+                    drafted.append((cands.scores[0].float().cpu().numpy(), cands.parents[0].cpu().numpy(),
+                                    cands.tokens[0].cpu().numpy(), root_pos))
+                verify(dec, batch, tree)
+        row = batch.results[0]
         seq = ids + row.tokens
-        for scores, parents, tokens, root_pos in rec.calls:
+        for scores, parents, tokens, root_pos in drafted:
             cont = seq[root_pos + 1:]
             # Keep steps whose continuation is known to the full depth (or ended the output).
             if len(cont) >= CALIBRATION_SHAPE.depth or (row.tokens and row.tokens[-1] in gen.eos_ids):
@@ -276,8 +266,8 @@ def _median_times(fns: dict, repeats: int) -> dict:
 
 
 @torch.inference_mode()
-def measure_costs(gen, sizes=TREE_SIZES, depths=DEPTHS, topks=TOPKS, prefix: int = PREFIX, repeats: int = 7) -> Costs:
-    """Time the verify step per tree size and the draft growth per (depth, topk) at `prefix`."""
+def measure_costs(gen, sizes=TREE_SIZES, depths=DEPTHS, branchings=BRANCHINGS, prefix: int = PREFIX, repeats: int = 7) -> Costs:
+    """Time the verify step per tree size and the draft growth per (depth, branching) at `prefix`."""
     model, head = gen.model, gen.head
     config = model.config
     lm_head = model.get_output_embeddings()
@@ -303,7 +293,7 @@ def measure_costs(gen, sizes=TREE_SIZES, depths=DEPTHS, topks=TOPKS, prefix: int
     target = _median_times({n: (lambda n=n: verify(n)) for n in sizes}, repeats)
 
     hc = head.config
-    dcache = KVCache(1, 1, hc.num_key_value_heads, prefix + max(depths) * max(topks) + 8, hc.head_dim, dtype, dev)
+    dcache = KVCache(1, 1, hc.num_key_value_heads, prefix + max(depths) * max(branchings) + 8, hc.head_dim, dtype, dev)
     pos = torch.arange(1, prefix + 1, device=dev)[None]
     hidden = head(feats, rand_ids(prefix), pos, cache=dcache, mask_bits=chain_bits(prefix, 1, dev), prefix_len=dcache.lengths)
     dcache.extend(plen)
@@ -316,10 +306,10 @@ def measure_costs(gen, sizes=TREE_SIZES, depths=DEPTHS, topks=TOPKS, prefix: int
     def growth(d, k):
         grow(head, dcache, root_hidden, root, plen, min(max(sizes), 1 + TreeShape(1, d, k).candidates()), d, k)
 
-    fns = {"catch_up": catch_up, **{f"{d},{k}": (lambda d=d, k=k: growth(d, k)) for d in depths for k in topks}}
+    fns = {"catch_up": catch_up, **{f"{d},{k}": (lambda d=d, k=k: growth(d, k)) for d in depths for k in branchings}}
     draft = _median_times(fns, max(3, repeats - 2))
     # A bigger tree never costs less: a monotone fit removes the noise that would say otherwise.
-    for k in topks:
+    for k in branchings:
         keys = [f"{d},{k}" for d in depths]
         draft.update(zip(keys, _isotonic(np.array([draft[x] for x in keys]), np.ones(len(keys)))))
     return Costs(list(sizes), [float(t) for t in _isotonic(np.array([target[n] for n in sizes]), np.ones(len(sizes)))],
@@ -347,13 +337,8 @@ def _model_id(model) -> str:
 
 
 def _machine() -> dict:
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return {"host": platform.node(), "cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__}
+    return {"host": platform.node(), "cpu": eagle2_kernels.device_name("cpu"), "cores": os.cpu_count(),
+            "torch": torch.__version__}
 
 
 def cache_keys(gen, temperature: float) -> dict:
@@ -407,7 +392,7 @@ def tuned_shape(gen, temperature: float = 0.0) -> TreeShape:
         acc = _cached(keys["acceptance"], lambda: measure_acceptance(gen, t), Acceptance)
         shape, rows = choose(costs, acc)
         best = rows[0]
-        print(f"[eagle2] auto tree shape: total_tokens {shape.total_tokens}, depth {shape.depth}, topk {shape.topk} "
+        print(f"[eagle2] auto tree shape: total_tokens {shape.total_tokens}, depth {shape.depth}, branching {shape.branching} "
               f"(expected tau {best['tau']:.2f}, {best['seconds'] * 1e3:.0f} ms per step; "
               f"{time.perf_counter() - start:.1f} s)", file=sys.stderr, flush=True)
         memo[t] = shape

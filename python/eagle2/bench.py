@@ -1,12 +1,12 @@
 """`eagle2 bench`: end-to-end decoding speed of EAGLE-2 against baselines, in one process.
 
-    eagle2 bench --prompts ../shared/data/dev_prompts.jsonl --per-category 5 --max-new-tokens 64 \\
+    eagle2 bench --prompts data/dev_prompts.jsonl --per-category 5 --max-new-tokens 64 \\
         --methods eagle2,vanilla,hf,hf-prompt-lookup --json bench/results/bench_t0.json
 
 Methods (comma separated):
-    eagle2            EAGLE-2 with the tree shape given by --total-tokens/--depth/--topk
+    eagle2            EAGLE-2 with the tree shape given by --total-tokens/--depth/--branching
                       (default: the Generator's, "auto" = measured on this machine, eagle2.autotune)
-    eagle2@M/D/K      EAGLE-2 with total_tokens M, depth D, topk K (eagle2@auto: the tuned shape)
+    eagle2@M/D/K      EAGLE-2 with total_tokens M, depth D, branching K (eagle2@auto: the tuned shape)
     vanilla           our loop without speculation: one token per target forward (the baseline)
     hf                transformers' own `generate`
     hf-prompt-lookup  transformers' prompt-lookup decoding (generate(prompt_lookup_num_tokens=10))
@@ -21,6 +21,7 @@ vanilla's, token for token.
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import os
@@ -28,9 +29,11 @@ import platform
 import re
 import sys
 import time
-from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
+
+from .generate import tau
+from .prompts import load_items
 
 BASELINES = ("vanilla", "hf", "hf-prompt-lookup")
 PROMPT_LOOKUP_TOKENS = 10
@@ -39,7 +42,8 @@ _SHAPE_RE = re.compile(r"^eagle2@(\d+)/(\d+)/(\d+)$")
 
 @dataclass(frozen=True)
 class Method:
-    """One benchmarked configuration. shape: None (the Generator's own), "auto" or (m, depth, topk)."""
+    """One benchmarked configuration. shape: None (the Generator's own), "auto", or
+    (total_tokens, depth, branching) with None where the Generator's shape fills in."""
 
     label: str
     kind: str  # "eagle2" | "vanilla" | "hf" | "hf-prompt-lookup"
@@ -65,28 +69,6 @@ def parse_methods(spec: str, default_shape=None) -> list[Method]:
     if len({m.label for m in out}) != len(out):
         raise ValueError(f"--methods: a method is listed twice in {spec!r}")
     return out
-
-
-def load_items(path: str, limit: int | None = None, per_category: int | None = None) -> list[dict]:
-    """Prompts of a JSONL file as dicts {id, group, prompt}: group = `source` (else `category`,
-    else "all"). per_category keeps the first N of each group, then limit the first N overall."""
-    items, seen = [], defaultdict(int)
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not JSON ({e})")
-            if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str):
-                raise ValueError(f"{path}:{lineno}: expected an object with a string 'prompt' field")
-            group = str(rec.get("source") or rec.get("category") or "all")
-            if per_category is not None and seen[group] >= per_category:
-                continue
-            seen[group] += 1
-            items.append({"id": str(rec.get("id", lineno)), "group": group, "prompt": rec["prompt"]})
-    return items[:limit]
 
 
 def run_bench(gen, items: list[dict], methods: list[Method], *, max_new_tokens: int = 64, temperature: float = 0.0,
@@ -119,64 +101,36 @@ def run_bench(gen, items: list[dict], methods: list[Method], *, max_new_tokens: 
             print(f"[bench] {i + 1}/{len(items)} {item['id']} ({time.perf_counter() - t0:.0f} s): {done} tokens/s",
                   file=sys.stderr, flush=True)
     return {"rows": rows, "summary": summarise(rows, [m.label for m in methods]),
-            "shapes": {k: list(v) for k, v in shapes.items()}}
+            "shapes": {k: list(dataclasses.astuple(v)) for k, v in shapes.items()}}
 
 
-def _resolve_shape(gen, method: Method, temperature: float) -> tuple[int, int, int]:
-    shape = gen.shape if method.shape is None else method.shape
-    if shape == "auto":
-        from .autotune import tuned_shape
-
-        shape = tuned_shape(gen, temperature)
-    return tuple(shape) if isinstance(shape, tuple) else (shape.total_tokens, shape.depth, shape.topk)
+def _resolve_shape(gen, method: Method, temperature: float):
+    if method.shape == "auto":
+        return gen.tree_shape(temperature, total_tokens="auto")
+    return gen.tree_shape(temperature, *(method.shape or (None, None, None)))
 
 
 def _run_one(gen, method: Method, shape, prompt_ids: list[int], max_new_tokens: int, temperature: float,
              seed: int) -> dict:
     """One prompt, one method: generated tokens, wall seconds, target forwards, tau."""
     if method.kind in ("hf", "hf-prompt-lookup"):
-        return _run_hf(gen, prompt_ids, max_new_tokens, temperature, seed,
-                       PROMPT_LOOKUP_TOKENS if method.kind == "hf-prompt-lookup" else None)
-    m, d, k = shape if shape is not None else (None, None, None)
+        from .generate import Sampling, hf_generate
+
+        lookup = PROMPT_LOOKUP_TOKENS if method.kind == "hf-prompt-lookup" else None
+        [r] = hf_generate(gen.model, [prompt_ids], max_new_tokens, sampling=Sampling(temperature), eos_ids=gen.eos_ids, seed=seed,
+                          prompt_lookup=lookup)
+        return _row(r.tokens, r.seconds, r.target_forwards)
+    m, d, b = dataclasses.astuple(shape) if shape is not None else (None, None, None)
     start = time.perf_counter()
     [r] = gen.generate([prompt_ids], max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
-                       method=method.kind, total_tokens=m, depth=d, topk=k)
+                       method=method.kind, total_tokens=m, depth=d, branching=b)
     seconds = time.perf_counter() - start
     return _row(r.tokens, seconds, r.target_forwards)
 
 
-def _run_hf(gen, prompt_ids, max_new_tokens, temperature, seed, lookup: int | None) -> dict:
-    """transformers' generate (plain or prompt lookup), counting the model's forward calls."""
-    import torch
-
-    model = gen.model
-    calls = [0]
-    hook = model.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
-    dev = next(model.parameters()).device
-    ids = torch.tensor([prompt_ids], device=dev)
-    kwargs = dict(do_sample=False) if temperature == 0 else dict(do_sample=True, temperature=temperature, top_p=1.0,
-                                                                 top_k=0)
-    if lookup is not None:
-        kwargs["prompt_lookup_num_tokens"] = lookup
-    eos = sorted(gen.eos_ids) or None
-    torch.manual_seed(seed)
-    try:
-        start = time.perf_counter()
-        with torch.no_grad():
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                                 eos_token_id=eos, pad_token_id=eos[0] if eos else 0, **kwargs)
-        seconds = time.perf_counter() - start
-    finally:
-        hook.remove()
-    tokens = out[0, len(prompt_ids):].tolist()
-    cut = next((j + 1 for j, t in enumerate(tokens) if t in gen.eos_ids), len(tokens))
-    return _row(tokens[:cut], seconds, calls[0])
-
-
 def _row(tokens: list[int], seconds: float, forwards: int) -> dict:
-    steps = forwards - 1  # the prefill yields exactly one token
     return {"tokens": tokens, "new_tokens": len(tokens), "seconds": seconds, "target_forwards": forwards,
-            "tau": (len(tokens) - 1) / steps if steps > 0 else float(len(tokens))}
+            "tau": tau(len(tokens), forwards)}
 
 
 def summarise(rows: list[dict], labels: list[str]) -> dict:
@@ -191,10 +145,9 @@ def summarise(rows: list[dict], labels: list[str]) -> dict:
         for label in labels:
             rs = [r for r in sel if r["method"] == label]
             tokens, seconds = sum(r["new_tokens"] for r in rs), sum(r["seconds"] for r in rs)
-            steps = sum(r["target_forwards"] - 1 for r in rs)
             s = {"prompts": len(rs), "tokens": tokens, "seconds": round(seconds, 4),
                  "tokens_per_s": tokens / seconds if seconds > 0 else 0.0,
-                 "tau": (tokens - len(rs)) / steps if steps > 0 else 1.0}
+                 "tau": tau(tokens, sum(r["target_forwards"] for r in rs), len(rs))}
             if rs and "same_as_vanilla" in rs[0]:
                 s["same_as_vanilla"] = sum(r["same_as_vanilla"] for r in rs) / len(rs)
             stats[label] = s
@@ -230,13 +183,9 @@ def environment(gen=None) -> dict:
 
     import eagle2_kernels
 
-    cpu = platform.processor()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
     env = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "machine": {"host": platform.node(), "cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(),
+           "machine": {"host": platform.node(), "cpu": eagle2_kernels.device_name("cpu"), "cores": os.cpu_count(),
+                       "platform": platform.platform(),
                        "torch_threads": torch.get_num_threads(), "loadavg": [round(x, 2) for x in os.getloadavg()]},
            "versions": {"python": platform.python_version(), "torch": torch.__version__,
                         "transformers": transformers.__version__, "eagle2_kernels": eagle2_kernels.backends()}}
@@ -250,36 +199,12 @@ def environment(gen=None) -> dict:
     return env
 
 
-def add_cli(sub) -> None:
-    """Register `eagle2 bench`."""
-    p = sub.add_parser("bench", help="end-to-end speed of EAGLE-2 vs plain decoding and transformers' generate",
-                       description=__doc__.split("\n\n")[0] + " Progress on stderr, the table on stdout.")
-    p.add_argument("--prompts", required=True, metavar="FILE.jsonl", help="JSONL with 'prompt' (+ 'source'/'category')")
-    p.add_argument("--limit", type=int, metavar="N", help="first N prompts (after --per-category)")
-    p.add_argument("--per-category", type=int, metavar="N", help="first N prompts of each group")
-    p.add_argument("--methods", default="eagle2,vanilla,hf,hf-prompt-lookup",
-                   help="comma separated: eagle2, eagle2@M/D/K, eagle2@auto, vanilla, hf, hf-prompt-lookup")
-    p.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 = greedy (default)")
-    p.add_argument("--max-new-tokens", type=int, default=64, metavar="N")
-    p.add_argument("--total-tokens", metavar="M|auto", help="tree size of 'eagle2' (default: the Generator's)")
-    p.add_argument("--depth", type=int, metavar="D")
-    p.add_argument("--topk", type=int, metavar="K")
-    p.add_argument("--seed", type=int, default=0, metavar="S", help="prompt i samples with seed S + i")
-    p.add_argument("--retune", action="store_true", help="re-measure the 'auto' cost model instead of using the cache")
-    p.add_argument("--target", metavar="PATH", help="local HF checkpoint (default: embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--draft", metavar="PATH", help="EAGLE-1/2 head folder (default: the shipped head)")
-    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16", "float64"), default="float32")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--json", metavar="OUT", help="write rows, summary and a machine/date/versions header here")
-    p.set_defaults(func=run_cli)
-
-
-def run_cli(args) -> int:
+def run_cli(args, shape) -> int:
+    """`eagle2 bench` (arguments defined in eagle2.cli); shape: what a bare 'eagle2' uses."""
     for name in ("limit", "per_category", "max_new_tokens"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise SystemExit(f"eagle2 bench: --{name.replace('_', '-')} must be >= 1")
     try:
-        shape = _cli_shape(args)
         methods = parse_methods(args.methods, shape)
         items = load_items(args.prompts, args.limit, args.per_category)
     except (ValueError, OSError) as e:
@@ -311,20 +236,3 @@ def run_cli(args) -> int:
         Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
         print(f"[bench] wrote {args.json}", file=sys.stderr)
     return 0
-
-
-def _cli_shape(args):
-    """What a bare 'eagle2' method uses: None (Generator default), "auto", or (m, d, k) with the
-    Generator's defaults filling what is not given."""
-    if args.total_tokens == "auto":
-        if args.depth is not None or args.topk is not None:
-            raise ValueError("--total-tokens auto chooses depth and topk too; drop --depth/--topk")
-        return "auto"
-    if args.total_tokens is None and args.depth is None and args.topk is None:
-        return None
-    from . import DEFAULT_SHAPE
-
-    if args.total_tokens is not None and not args.total_tokens.isdigit():
-        raise ValueError(f"--total-tokens: expected an int or 'auto', got {args.total_tokens!r}")
-    m = int(args.total_tokens) if args.total_tokens is not None else DEFAULT_SHAPE.total_tokens
-    return (m, args.depth or DEFAULT_SHAPE.depth, args.topk or DEFAULT_SHAPE.topk)

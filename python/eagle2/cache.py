@@ -15,6 +15,8 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 import eagle2_kernels
 
+from .model import head_dim
+
 
 class _LayerView(CacheLayerMixin):
     """One layer's slice of a KVCache, for the parts of transformers that inspect layers
@@ -78,9 +80,8 @@ class KVCache(Cache):
     @classmethod
     def for_model(cls, config, batch: int, max_len: int, dtype: torch.dtype, device) -> "KVCache":
         """A cache shaped for a Llama-style config (num_hidden_layers, num_key_value_heads, head_dim)."""
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-        return cls(config.num_hidden_layers, batch, kv_heads, max_len, head_dim, dtype, device)
+        return cls(config.num_hidden_layers, batch, kv_heads, max_len, head_dim(config), dtype, device)
 
     @property
     def max_len(self) -> int:

@@ -1,21 +1,20 @@
 """The `eagle2` command line.
 
     eagle2 generate "Write a haiku about the sea."
-    eagle2 generate --prompts ../shared/data/dev_prompts.jsonl --limit 3 --json
+    eagle2 generate --prompts data/dev_prompts.jsonl --limit 3 --json
+    eagle2 bench --prompts data/dev_prompts.jsonl --per-category 5
+    eagle2 train-data --out DATA --prompts data/train_prompts.jsonl
+    eagle2 train --data DATA --out HEAD
 
-Subcommands live in their modules: `generate` here, and any module eagle2.<name> among
-EXTENSIONS that exists contributes its own by defining `add_cli(subparsers)`, which adds a
-parser with `set_defaults(func=handler)`; handler(args) returns the exit status.
+Every subcommand's arguments are defined here, and its handler imports the module that does
+the work only when it runs, so `eagle2 --help` does not load torch or transformers.
 """
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.util
 import json
 import sys
 
-EXTENSIONS = ("train", "bench")
 DTYPES = ("float32", "float16", "bfloat16", "float64")
 
 
@@ -28,15 +27,44 @@ def main(argv: list[str] | None = None) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="eagle2", description="EAGLE-2 speculative decoding for Hugging Face causal LMs")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    add_cli(sub)
-    for name in EXTENSIONS:
-        if importlib.util.find_spec(f"eagle2.{name}") is not None:
-            importlib.import_module(f"eagle2.{name}").add_cli(sub)
+    for add in (_add_generate, _add_bench, _add_train_data, _add_train):
+        add(sub)
     return parser
 
 
-def add_cli(sub) -> None:
-    """Register `generate`."""
+def _add_model_args(p: argparse.ArgumentParser, dtypes=DTYPES) -> None:
+    p.add_argument("--target", metavar="PATH", help="local HF checkpoint folder (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--draft", metavar="PATH", help="EAGLE-1/2 draft head folder (default: the shipped head)")
+    p.add_argument("--dtype", choices=dtypes, default="float32")
+    p.add_argument("--device", default="cpu")
+
+
+def _add_tree_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--total-tokens", metavar="M|auto",
+                   help="tree size m, root included; 'auto' = chosen from measured costs (eagle2.autotune)")
+    p.add_argument("--depth", type=int, metavar="D", help="deepest draft level")
+    p.add_argument("--branching", "--topk", type=int, metavar="K",
+                   help="draft children per expanded node (--topk: its old name; --top-k is sampling's)")
+
+
+def tree_shape_spec(args) -> None | str | tuple:
+    """The tree flags as eagle2.bench's method shape: None (none given: the Generator's shape),
+    "auto", or (total_tokens, depth, branching) with None for what was not given."""
+    m, d, b = args.total_tokens, args.depth, args.branching
+    if m == "auto":
+        if d is not None or b is not None:
+            raise ValueError("--total-tokens auto chooses depth and branching too; drop --depth/--branching")
+        return "auto"
+    if m is not None and not m.isdigit():
+        raise ValueError(f"--total-tokens: expected an int or 'auto', got {m!r}")
+    for flag, v in (("--depth", d), ("--branching/--topk", b)):
+        if v is not None and v < 1:
+            raise ValueError(f"{flag}: expected an int >= 1, got {v}")
+    spec = (None if m is None else int(m), d, b)
+    return None if spec == (None, None, None) else spec
+
+
+def _add_generate(sub) -> None:
     p = sub.add_parser("generate", help="generate text from a prompt or a JSONL file of prompts",
                        description="Generate with EAGLE-2 (default), plain decoding or transformers' generate. "
                                    "Prompts are wrapped in the target's chat template.")
@@ -47,33 +75,123 @@ def add_cli(sub) -> None:
     p.add_argument("--max-new-tokens", type=int, default=128, metavar="N")
     p.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0, metavar="P")
-    p.add_argument("--top-k", type=int, default=0, metavar="K", help="0 = off")
+    p.add_argument("--top-k", type=int, default=0, metavar="K", help="sampling top-k, 0 = off")
     p.add_argument("--seed", type=int, metavar="S")
-    p.add_argument("--total-tokens", type=tree_size, metavar="M|auto",
-                   help="tree size m, root included; 'auto' = chosen from measured costs (eagle2.autotune)")
-    p.add_argument("--depth", type=int, metavar="D", help="deepest draft level")
-    p.add_argument("--topk", type=int, metavar="K", help="draft children per expanded node")
-    p.add_argument("--target", metavar="PATH", help="local HF checkpoint folder (default: embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--draft", metavar="PATH", help="EAGLE-1/2 draft head folder (default: the shipped head)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", choices=DTYPES, default="float32")
+    _add_tree_args(p)
+    _add_model_args(p)
     p.add_argument("--batch-size", type=int, default=1, metavar="B", help="prompts decoded together")
     p.add_argument("--json", action="store_true", help="one JSON object per prompt instead of streamed text")
     p.set_defaults(func=run_generate)
 
 
-def tree_size(text: str):
-    """--total-tokens: an int or 'auto'."""
-    return text if text == "auto" else int(text)
+def _add_bench(sub) -> None:
+    p = sub.add_parser("bench", help="end-to-end speed of EAGLE-2 vs plain decoding and transformers' generate",
+                       description="End-to-end decoding speed of EAGLE-2 against baselines, in one process, "
+                                   "interleaved per prompt (see eagle2.bench). Progress on stderr, the table on stdout.")
+    p.add_argument("--prompts", required=True, metavar="FILE.jsonl", help="JSONL with 'prompt' (+ 'source'/'category')")
+    p.add_argument("--limit", type=int, metavar="N", help="first N prompts (after --per-category)")
+    p.add_argument("--per-category", type=int, metavar="N", help="first N prompts of each group")
+    p.add_argument("--methods", default="eagle2,vanilla,hf,hf-prompt-lookup",
+                   help="comma separated: eagle2, eagle2@M/D/K, eagle2@auto, vanilla, hf, hf-prompt-lookup")
+    p.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 = greedy (default)")
+    p.add_argument("--max-new-tokens", type=int, default=64, metavar="N")
+    _add_tree_args(p)
+    p.add_argument("--seed", type=int, default=0, metavar="S", help="prompt i samples with seed S + i")
+    p.add_argument("--retune", action="store_true", help="re-measure the 'auto' cost model instead of using the cache")
+    _add_model_args(p)
+    p.add_argument("--json", metavar="OUT", help="write rows, summary and a machine/date/versions header here")
+    p.set_defaults(func=_run_bench)
+
+
+def _run_bench(args) -> int:
+    try:
+        shape = tree_shape_spec(args)
+    except ValueError as e:
+        raise SystemExit(f"eagle2 bench: {e}")
+    from .bench import run_cli
+
+    return run_cli(args, shape)
+
+
+def _add_train_data(sub) -> None:
+    p = sub.add_parser("train-data", help="generate self-distillation data for draft-head training",
+                       description="The target answers training prompts in its own chat template (eagle2.data). "
+                                   "Shards are written atomically: an interrupted run resumes with the same command.")
+    p.add_argument("--out", required=True, help="output folder for the shards (resumable)")
+    p.add_argument("--prompts", required=True, nargs="+", metavar="FILE.jsonl",
+                   help="JSONL prompt files (for example data/train_prompts.jsonl)")
+    p.add_argument("--sources", help="comma list: keep only prompts whose `source` is one of these")
+    p.add_argument("--target", help="target checkpoint folder (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="dtype of the target while generating")
+    p.add_argument("--limit", type=int, help="use the first N prompts of the order (rounded up to whole shards)")
+    p.add_argument("--max-new-tokens", type=int, default=192)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--shard-size", type=int, default=64, help="prompts per shard")
+    p.add_argument("--modes", default="greedy",
+                   help="comma list of greedy,sample,text: one conversation per prompt and mode; text = the "
+                        "prompt itself as plain text, every token trained on (cheap extra data, no generation)")
+    p.add_argument("--temperature", type=float, default=0.7, help="for sample mode")
+    p.add_argument("--top-p", type=float, default=0.95, help="for sample mode")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-minutes", type=float, help="stop before a shard that would end past this budget")
+    p.set_defaults(func=_run_train_data)
+
+
+def _run_train_data(args) -> int:
+    from .data import build_dataset
+
+    build_dataset(args)
+    return 0
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="train an EAGLE-1/2 draft head on `train-data` output",
+                       description="Train (or resume training) an EAGLE-1/2 draft head on the target's features "
+                                   "(eagle2.train: feature regression + soft cross-entropy, noisy inputs).")
+    p.add_argument("--data", required=True, nargs="+",
+                   help="`eagle2 train-data` output folders (target features are cached in each, in features/)")
+    p.add_argument("--out", required=True, help="output folder: the head (EAGLE layout) + checkpoint/ to resume")
+    p.add_argument("--target", help="target checkpoint folder (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--draft-vocab", type=int, help="reduced draft vocabulary size N (d2t); default: the full vocabulary")
+    p.add_argument("--random-init", action="store_true", help="do not start from the target's last decoder layer")
+    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--steps", type=int, help="total optimizer steps (overrides --epochs)")
+    p.add_argument("--tokens-per-batch", type=int, default=4096, help="padded tokens per step")
+    p.add_argument("--max-len", type=int, default=1024, help="conversations are cut to this many tokens")
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--warmup", type=int, default=50)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--grad-clip", type=float, default=0.5)
+    p.add_argument("--noise", type=float, default=0.2, help="width of the uniform noise on input features")
+    p.add_argument("--ce-weight", type=float, default=0.1, help="weight of the cross-entropy term")
+    p.add_argument("--eval-fraction", type=float, default=0.05, help="conversations held out (of each folder)")
+    p.add_argument("--eval-every", type=int, default=100)
+    p.add_argument("--save-every", type=int, default=100)
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--max-minutes", type=float, help="stop (saving the head) after this much training time")
+    p.add_argument("--precision", default="bfloat16", choices=["bfloat16", "float32"],
+                   help="compute precision of the head's training steps (bfloat16 = autocast)")
+    p.add_argument("--save-dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_run_train)
+
+
+def _run_train(args) -> int:
+    from .train import train
+
+    train(args)
+    return 0
 
 
 def read_prompts(path: str, limit: int | None) -> list[tuple[str, str]]:
     """(id, prompt) pairs from a JSONL file with a 'prompt' field per line."""
-    from .bench import load_items
+    from .prompts import load_items
 
     try:
         return [(item["id"], item["prompt"]) for item in load_items(path, limit)]
-    except ValueError as e:
+    except (ValueError, OSError) as e:
         raise SystemExit(f"eagle2: {e}")
 
 
@@ -84,6 +202,11 @@ def run_generate(args) -> int:
         raise SystemExit("eagle2 generate: --limit must be >= 1")
     if args.batch_size < 1:
         raise SystemExit("eagle2 generate: --batch-size must be >= 1")
+    try:
+        spec = tree_shape_spec(args)
+    except ValueError as e:
+        raise SystemExit(f"eagle2 generate: {e}")
+    m, d, b = ("auto", None, None) if spec == "auto" else spec or (None, None, None)
     items = [("0", args.prompt)] if args.prompt is not None else read_prompts(args.prompts, args.limit)
 
     import torch
@@ -95,7 +218,7 @@ def run_generate(args) -> int:
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"eagle2 generate: {e}")
     opts = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                seed=args.seed, method=args.method, total_tokens=args.total_tokens, depth=args.depth, topk=args.topk)
+                seed=args.seed, method=args.method, total_tokens=m, depth=d, branching=b)
     streaming = not args.json and args.batch_size == 1 and args.method != "hf"
     for start in range(0, len(items), args.batch_size):
         batch = items[start: start + args.batch_size]

@@ -23,9 +23,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from eagle2.model import chat_prompt_ids, load_target
+from eagle2.generate import Sampling, hf_generate
+from eagle2.model import chat_prompt_ids, eos_ids, load_target
+from eagle2.prompts import read_records
 
-DEFAULT_PROMPTS = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "train_prompts.jsonl"
 MODES = ("greedy", "sample", "text")
 # Prompts are shuffled, then sorted by source and length inside windows of this many batches:
 # batches of similar prompts waste less padding and finish together, yet every stretch of the
@@ -43,12 +44,7 @@ class Conversation:
 
 def read_prompts(paths: list[Path], sources: list[str] | None = None) -> list[dict]:
     """Records of JSONL prompt files (fields id, source, prompt), optionally only some sources."""
-    records = []
-    for path in paths:
-        if not path.is_file():
-            raise FileNotFoundError(f"prompt file {str(path)!r} does not exist")
-        with open(path) as f:
-            records += [json.loads(line) for line in f if line.strip()]
+    records = [r for path in paths for r in read_records(path)]
     if sources:
         unknown = set(sources) - {r.get("source") for r in records}
         if unknown:
@@ -70,37 +66,18 @@ def prompt_order(records: list[dict], seed: int, batch_size: int) -> list[dict]:
     return order
 
 
-def _stop_ids(model, tokenizer) -> set[int]:
-    """Tokens that end an answer: the generation config's EOS ids (chat models often list their
-    end-of-turn token there) and the tokenizer's EOS."""
-    eos = model.generation_config.eos_token_id
-    ids = set(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
-    if tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
-    if not ids:
-        raise ValueError("the target defines no EOS token: cannot tell where an answer ends")
-    return ids
-
-
 @torch.no_grad()
 def generate_answers(model, tokenizer, prompts: list[list[int]], max_new_tokens: int,
                      mode: str, temperature: float = 1.0, top_p: float = 1.0) -> list[list[int]]:
-    """The target's answers to a batch of tokenised prompts (left-padded HF `generate`), each
-    cut after its first stop token."""
-    stop = _stop_ids(model, tokenizer)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(stop)
-    width = max(len(p) for p in prompts)
-    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=model.device)
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=model.device)
-    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=None) \
-        if mode == "sample" else dict(do_sample=False, temperature=None, top_p=None, top_k=None)
-    out = model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, pad_token_id=pad,
-                         eos_token_id=sorted(stop), **sampling)
-    answers = []
-    for row in out[:, width:].tolist():
-        end = next((i + 1 for i, t in enumerate(row) if t in stop), len(row))
-        answers.append(row[:end])
-    return answers
+    """The target's answers to a batch of tokenised prompts (transformers' `generate`), each
+    cut after its first stop token (the target's EOS ids)."""
+    stop = eos_ids(model, tokenizer)
+    if not stop:
+        raise ValueError("the target defines no EOS token: cannot tell where an answer ends")
+    sampling = Sampling(temperature, top_p) if mode == "sample" else Sampling()
+    rows = hf_generate(model, prompts, max_new_tokens, sampling=sampling, eos_ids=frozenset(stop),
+                       pad_id=tokenizer.pad_token_id)
+    return [r.tokens for r in rows]
 
 
 def save_shard(path: Path, conversations: list[Conversation], meta: dict) -> None:
@@ -162,7 +139,7 @@ def build_dataset(args: argparse.Namespace) -> None:
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if not modes or set(modes) - set(MODES):
         raise ValueError(f"--modes must be a comma list of {MODES}, got {args.modes!r}")
-    paths = [Path(p) for p in args.prompts] if args.prompts else [DEFAULT_PROMPTS]
+    paths = [Path(p) for p in args.prompts]
     sources = args.sources.split(",") if args.sources else None
     order = prompt_order(read_prompts(paths, sources), args.seed, args.batch_size)
     n_shards = -(-min(args.limit or len(order), len(order)) // args.shard_size)
@@ -215,27 +192,3 @@ def build_dataset(args: argparse.Namespace) -> None:
                   file=sys.stderr, flush=True)
         save_shard(out / f"shard-{i:05d}.safetensors", conversations,
                    {"ids": [r.get("id") for r in records], "modes": modes})
-
-
-def add_cli(subparsers) -> None:
-    """Add the `train-data` subcommand to eagle2's CLI."""
-    p = subparsers.add_parser("train-data", help="generate self-distillation data for draft-head training",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True, help="output folder for the shards (resumable)")
-    p.add_argument("--prompts", nargs="+", help=f"JSONL prompt files (default {DEFAULT_PROMPTS})")
-    p.add_argument("--sources", help="comma list: keep only prompts whose `source` is one of these")
-    p.add_argument("--target", help="target checkpoint folder (default: the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                   help="dtype of the target while generating")
-    p.add_argument("--limit", type=int, help="use the first N prompts of the order (rounded up to whole shards)")
-    p.add_argument("--max-new-tokens", type=int, default=192)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--shard-size", type=int, default=64, help="prompts per shard")
-    p.add_argument("--modes", default="greedy",
-                   help="comma list of greedy,sample,text: one conversation per prompt and mode; text = the "
-                        "prompt itself as plain text, every token trained on (cheap extra data, no generation)")
-    p.add_argument("--temperature", type=float, default=0.7, help="for sample mode")
-    p.add_argument("--top-p", type=float, default=0.95, help="for sample mode")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-minutes", type=float, help="stop before a shard that would end past this budget")
-    p.set_defaults(func=build_dataset)

@@ -36,6 +36,7 @@ from transformers.models.llama.modeling_llama import (
 )
 
 from .attention import tree_attend
+from .model import head_dim
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 IGNORED_KEYS = ("embed_tokens.weight",)
@@ -117,7 +118,7 @@ class DraftHead(nn.Module):
         src = target.config.to_dict()
         fields = {k: src[k] for k in CONFIG_FIELDS if src.get(k) is not None}
         fields.update(_legacy_rope(target.config))
-        fields["head_dim"] = getattr(target.config, "head_dim", None) or target.config.hidden_size // target.config.num_attention_heads
+        fields["head_dim"] = head_dim(target.config)
         config = LlamaConfig(**fields, num_hidden_layers=1, attention_bias=bool(getattr(target.config, "attention_bias", False)))
         param = next(target.parameters())
         head = cls(config, bias=bias, d2t=d2t).to(device=param.device, dtype=param.dtype)
@@ -145,8 +146,7 @@ class DraftHead(nn.Module):
         state = _read_weights(path)
         bias = raw.get("bias", "fc.bias" in state)
         config = LlamaConfig(**{k: v for k, v in raw.items() if k not in ("architectures", "bias", "torch_dtype", "dtype")})
-        if getattr(config, "head_dim", None) is None:
-            config.head_dim = config.hidden_size // config.num_attention_heads
+        config.head_dim = head_dim(config)
         d2t = state.get("d2t")
         head = cls(config, bias=bool(bias), d2t=d2t).to(device=device, dtype=dtype)
         _check_keys(head, state, config)

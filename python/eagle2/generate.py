@@ -2,14 +2,14 @@
 
 One loop serves both our methods: plain decoding is the EAGLE-2 loop with a one-node tree
 and no draft (same cache, same model code, same acceptance rule through tree_verify), so the
-two differ only in the speculation. Per EAGLE-2 step and batch row:
+two differ only in the speculation. `decode` is `prefill`, then per step, for every active row:
 
-    draft catch-up   the draft consumes (target feature, next token) for every token committed
-                     by the previous step; its output at the root predicts the root's feature
-    grow             tree.grow: the dynamic draft tree, reranked to m nodes
-    verify           one target forward over the m tree tokens (tree attention on the cache)
-    accept           tree_verify (greedy or lossless sampling) -> accepted nodes + bonus
-    commit           kv_compact the target cache; emit tokens (EOS / max_new_tokens / context)
+    speculate   draft catch-up: the draft consumes (target feature, next token) for every
+                token committed by the previous step; its output at the root predicts the
+                root's feature. Then tree.expand + tree.rerank: the dynamic tree of m nodes
+    verify      one target forward over the m tree tokens (tree attention on the cache);
+                tree_verify (greedy or lossless sampling) -> accepted nodes + bonus;
+                kv_compact the target cache; commit tokens (EOS / max_new_tokens / context)
 
 Cache invariants for a row with n committed tokens (prompt + generated, the last one being the
 root): the target cache holds positions 0..n-2, the draft cache holds the entries for the
@@ -24,10 +24,11 @@ from dataclasses import dataclass, field
 import torch
 
 import eagle2_kernels
+from eagle2_kernels import Tree
 
 from .attention import chain_bits, target_forward
 from .cache import KVCache
-from .tree import TreeShape, grow, root_only
+from .tree import Candidates, TreeShape, expand, rerank, root_only
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,13 @@ class Sampling:
             raise ValueError(f"top_k: expected an int >= 0, got {k!r}")
 
 
+def tau(new_tokens: int, target_forwards: int, prompts: int = 1) -> float:
+    """Mean tokens committed per target forward after the prefill, pooled over `prompts`
+    prompts (each prefill yields exactly one token and is left out); 1.0 for plain decoding."""
+    steps = target_forwards - prompts
+    return (new_tokens - prompts) / steps if steps > 0 else new_tokens / max(prompts, 1)
+
+
 @dataclass
 class RowResult:
     """What one prompt produced: the generated ids, the target forwards it took part in (the
@@ -60,10 +68,7 @@ class RowResult:
 
     @property
     def tau(self) -> float:
-        """Mean tokens committed per target forward after the prefill (which always yields
-        exactly one); 1.0 for plain decoding."""
-        steps = self.target_forwards - 1
-        return (len(self.tokens) - 1) / steps if steps > 0 else float(len(self.tokens))
+        return tau(len(self.tokens), self.target_forwards)
 
 
 def check_prompts(prompts: list[list[int]], context: int, vocab: int) -> None:
@@ -79,105 +84,145 @@ def check_prompts(prompts: list[list[int]], context: int, vocab: int) -> None:
             raise ValueError(f"prompt {i} holds token ids outside [0, {vocab})")
 
 
+@dataclass(frozen=True)
+class Decoder:
+    """What stays fixed during one decode call. head None = plain decoding."""
+
+    model: object
+    head: object
+    shape: TreeShape | None
+    sampling: Sampling
+    eos_ids: frozenset[int]
+    max_new_tokens: int
+    stream: object = None  # stream(prompt index, new ids) as tokens are committed
+
+    @property
+    def context(self) -> int:
+        return self.model.config.max_position_embeddings
+
+
+@dataclass
+class Batch:
+    """The rows still decoding (row i of every tensor is active row i) and every prompt's result."""
+
+    rows: list[int]           # prompt index of each active row
+    lens: torch.Tensor        # [B] prompt lengths
+    n: torch.Tensor           # [B] committed tokens: prompt + generated, the root included
+    root: torch.Tensor        # [B] int32, the last committed token: the next tree's root
+    tcache: KVCache           # target: positions 0 .. n-2
+    dcache: KVCache | None    # draft: positions 1 .. n-1 once `pending` is fed to it
+    pending: tuple | None     # draft catch-up: features [B, T, h], next tokens [B, T], first position [B], count [B]
+    results: list[RowResult]  # one per prompt, finished or not
+    gen: torch.Generator
+    start: float
+
+    def keep(self, keep: list[int]) -> None:
+        """Drop every active row not listed in `keep` (their results stay)."""
+        self.rows = [self.rows[i] for i in keep]
+        if not keep:
+            return
+        sel = torch.tensor(keep, device=self.n.device)
+        self.lens, self.n, self.root = self.lens[sel], self.n[sel], self.root[sel]
+        self.tcache.select(sel)
+        if self.dcache is not None:
+            self.dcache.select(sel)
+            self.pending = tuple(t[sel] for t in self.pending)
+
+
 @torch.inference_mode()
 def decode(model, prompts: list[list[int]], max_new_tokens: int, *, head=None, shape: TreeShape | None = None,
            sampling: Sampling = Sampling(), eos_ids: frozenset[int] = frozenset(), seed: int | None = None,
            stream=None) -> list[RowResult]:
     """Generate for a batch of token-id prompts with EAGLE-2 (head and shape given) or plain
     decoding (head None). stream(row, new_ids) is called as tokens are committed."""
-    config = model.config
-    context = config.max_position_embeddings
-    lm_head = model.get_output_embeddings()
-    check_prompts(prompts, context, lm_head.weight.shape[0])
+    check_prompts(prompts, model.config.max_position_embeddings, model.get_output_embeddings().weight.shape[0])
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens: expected an int >= 1, got {max_new_tokens!r}")
-    speculate = head is not None
-    if speculate and shape is None:
+    if head is not None and shape is None:
         raise ValueError("shape: EAGLE-2 decoding needs a TreeShape")
+    dec = Decoder(model, head, shape, sampling, frozenset(eos_ids), max_new_tokens, stream)
+    batch = prefill(dec, prompts, seed)
+    while batch.rows:
+        tree, _ = speculate(dec, batch)
+        verify(dec, batch, tree)
+    return batch.results
+
+
+def prefill(dec: Decoder, prompts: list[list[int]], seed: int | None) -> Batch:
+    """The target over the prompts (a padded chain from position 0 in every row), the first
+    token of each, and the caches sized for the whole call."""
+    model, head, shape = dec.model, dec.head, dec.shape
     param = next(model.parameters())
     dev, dtype = param.device, param.dtype
     B = len(prompts)
     lens = torch.tensor([len(p) for p in prompts], device=dev)
-    total = int((lens + max_new_tokens).clamp(max=context).max())
-    tcache = KVCache.for_model(config, B, total + (shape.total_tokens if speculate else 1) + 1, dtype, dev)
+    total = int((lens + dec.max_new_tokens).clamp(max=dec.context).max())
+    tcache = KVCache.for_model(model.config, B, total + (shape.total_tokens if head is not None else 1) + 1, dtype, dev)
     gen = torch.Generator(device=dev)
     gen.manual_seed(seed) if seed is not None else gen.seed()
-    results = [RowResult() for _ in range(B)]
     start = time.perf_counter()
-
-    # Prefill: the padded prompt block is a chain (causal bits) from position 0 in every row.
     L = int(lens.max())
     ids = torch.tensor([p + [p[-1]] * (L - len(p)) for p in prompts], device=dev)
     pos = torch.minimum(torch.arange(L, device=dev)[None], lens[:, None] - 1)
-    feats = target_forward(model, ids, pos, tcache, chain_bits(L, B, dev), tcache.lengths)
+    feats = target_forward(model, ids, pos, tcache, chain_bits(L, B, dev), tcache.lengths)  # [B, L, h]
     tcache.extend(lens)
     last = (lens - 1)[:, None]
-    logits = lm_head(feats.gather(1, last[..., None].expand(B, 1, feats.shape[-1])))
-    root_tokens = ids.gather(1, last)[:, 0]
-    first = _accept(root_only(root_tokens, lens - 1), logits, sampling, gen, 0).bonus
-    rows = list(range(B))  # original index of each active batch row
-    n = lens + 1  # committed tokens per row, the root included
-    for r in rows:
-        results[r].target_forwards = 1
-    done = _commit(results, rows, first[:, None].tolist(), [1] * B, lens, max_new_tokens, context,
-                   eos_ids, stream, start)
-    root = first.int()
-
-    if speculate:
-        dcache = KVCache(1, B, head.config.num_key_value_heads, total + shape.topk * shape.depth + 1,
-                         head.config.head_dim, dtype, dev)
+    logits = model.get_output_embeddings()(feats.gather(1, last[..., None].expand(B, 1, feats.shape[-1])))
+    first = _accept(dec, root_only(ids.gather(1, last)[:, 0], lens - 1), logits, gen).bonus
+    batch = Batch(list(range(B)), lens, lens + 1, first.int(), tcache, None, None,
+                  [RowResult(target_forwards=1) for _ in range(B)], gen, start)
+    if head is not None:
+        batch.dcache = KVCache(1, B, head.config.num_key_value_heads, total + shape.branching * shape.depth + 1,
+                               head.config.head_dim, dtype, dev)
         pend_tokens = torch.cat([ids[:, 1:], torch.zeros_like(ids[:, :1])], dim=1)
         pend_tokens.scatter_(1, last, first[:, None].to(ids.dtype))  # t_{i+1} for every f_i
-        pend = (feats, pend_tokens, torch.ones_like(lens), lens)  # features, tokens, first position, count
+        batch.pending = (feats, pend_tokens, torch.ones_like(lens), lens)
+    _commit(dec, batch, first[:, None].tolist(), [1] * B)
+    return batch
 
-    while True:
-        keep = [i for i, r in enumerate(rows) if r not in done]
-        if not keep:
-            break
-        if len(keep) < len(rows):
-            sel = torch.tensor(keep, device=dev)
-            rows = [rows[i] for i in keep]
-            tcache.select(sel)
-            root, n, lens = root[sel], n[sel], lens[sel]
-            if speculate:
-                dcache.select(sel)
-                pend = tuple(t[sel] for t in pend)
-        Ba = len(rows)
-        prefix = tcache.lengths.clone()  # = n - 1, the root's position
-        if speculate:
-            root_hidden = _draft_catch_up(head, dcache, *pend)
-            # A step commits at most depth + 1 tokens; never draft past what some row may still
-            # commit, nor place a node at a position from which the bonus would leave the context.
-            room = int((context - n).min())
-            need = int((lens + max_new_tokens - n).max())
-            depth = min(shape.depth, room - 1, need - 1)
-        else:
-            depth = 0
-        m = min(shape.total_tokens, 1 + shape.candidates(depth)) if depth > 0 else 1
-        if m > 1:
-            tree = grow(head, dcache, root_hidden, root, prefix, m, depth, shape.topk)
-        else:
-            tree = root_only(root, prefix)
-        feats = target_forward(model, tree.tokens, tree.positions, tcache, tree.mask_bits, prefix)
-        res = _accept(tree, lm_head(feats), sampling, gen, depth)
-        if m > 1:
-            tcache.compact(res.accepted, res.accept_len)
-        else:
-            tcache.extend(res.accept_len)
-        a = res.accept_len.long()
-        A = int(a.max())
-        acc = res.accepted[:, :A].long().clamp(min=0)
-        new = torch.cat([tree.tokens.long().gather(1, acc)[:, 1:], torch.zeros_like(acc[:, :1])], dim=1)
-        new.scatter_(1, (a - 1)[:, None], res.bonus.long()[:, None])  # accepted drafts, then the bonus
-        for r in rows:
-            results[r].target_forwards += 1
-        done |= _commit(results, rows, new.tolist(), a.tolist(), lens, max_new_tokens, context,
-                        eos_ids, stream, start)
-        if speculate:
-            pend = (feats.gather(1, acc[..., None].expand(Ba, A, feats.shape[-1])), new, prefix + 1, a)
-        n = n + a
-        root = res.bonus.int()
-    return results
+
+def speculate(dec: Decoder, batch: Batch) -> tuple[Tree, Candidates | None]:
+    """The next tree of every active row: the draft catches up on what the last step committed,
+    then expands and reranks (the one-node tree without a head, or when no room is left).
+    Returns the tree and the candidates it was reranked from (None for a one-node tree)."""
+    prefix = batch.tcache.lengths.clone()  # = n - 1, the root's position
+    if dec.head is None:
+        return root_only(batch.root, prefix), None
+    root_hidden = _draft_catch_up(dec.head, batch.dcache, *batch.pending)
+    # A step commits at most depth + 1 tokens; never draft past what some row may still
+    # commit, nor place a node at a position from which the bonus would leave the context.
+    room = int((dec.context - batch.n).min())
+    need = int((batch.lens + dec.max_new_tokens - batch.n).max())
+    depth = min(dec.shape.depth, room - 1, need - 1)
+    m = min(dec.shape.total_tokens, 1 + dec.shape.candidates(depth)) if depth > 0 else 1
+    if m == 1:
+        return root_only(batch.root, prefix), None
+    cands = expand(dec.head, batch.dcache, root_hidden, prefix, depth, dec.shape.branching)
+    return rerank(cands, batch.root, prefix, m, depth), cands
+
+
+def verify(dec: Decoder, batch: Batch, tree: Tree) -> None:
+    """One target forward over the tree, acceptance, the target cache compacted to the accepted
+    path, and the accepted tokens + bonus committed."""
+    prefix = batch.tcache.lengths.clone()
+    feats = target_forward(dec.model, tree.tokens, tree.positions, batch.tcache, tree.mask_bits, prefix)  # [B, m, h]
+    res = _accept(dec, tree, dec.model.get_output_embeddings()(feats), batch.gen)
+    if tree.tokens.shape[1] > 1:
+        batch.tcache.compact(res.accepted, res.accept_len)
+    else:
+        batch.tcache.extend(res.accept_len)
+    a = res.accept_len.long()
+    A = int(a.max())
+    acc = res.accepted[:, :A].long().clamp(min=0)
+    new = torch.cat([tree.tokens.long().gather(1, acc)[:, 1:], torch.zeros_like(acc[:, :1])], dim=1)
+    new.scatter_(1, (a - 1)[:, None], res.bonus.long()[:, None])  # accepted drafts, then the bonus
+    for r in batch.rows:
+        batch.results[r].target_forwards += 1
+    if dec.head is not None:
+        batch.pending = (feats.gather(1, acc[..., None].expand(*acc.shape, feats.shape[-1])), new, prefix + 1, a)
+    batch.n = batch.n + a
+    batch.root = res.bonus.int()
+    _commit(dec, batch, new.tolist(), a.tolist())
 
 
 def _draft_catch_up(head, cache, feats, tokens, first_pos, count) -> torch.Tensor:
@@ -190,55 +235,71 @@ def _draft_catch_up(head, cache, feats, tokens, first_pos, count) -> torch.Tenso
     return hidden.gather(1, (count - 1)[:, None, None].expand(B, 1, h))[:, 0]
 
 
-def _accept(tree, logits, sampling: Sampling, gen, depth: int):
-    return eagle2_kernels.tree_verify(
-        tree.tokens, tree.parents, logits, temperature=sampling.temperature, top_p=sampling.top_p,
-        top_k=sampling.top_k, generator=gen, max_depth=depth)
+def _accept(dec: Decoder, tree: Tree, logits: torch.Tensor, gen: torch.Generator):
+    s = dec.sampling
+    return eagle2_kernels.tree_verify(tree.tokens, tree.parents, logits, temperature=s.temperature, top_p=s.top_p,
+                                      top_k=s.top_k, generator=gen, max_depth=tree.paths.shape[-1] - 1)
 
 
-def _commit(results, rows, new, counts, lens, max_new, context, eos_ids, stream, start) -> set[int]:
-    """Append each row's new tokens, cut at EOS (kept), max_new_tokens and the context; return
-    the original indices of rows that finished."""
-    done = set()
-    for i, r in enumerate(rows):
-        res = results[r]
-        budget = min(max_new - len(res.tokens), context - int(lens[i]) - len(res.tokens))
+def _commit(dec: Decoder, batch: Batch, new: list[list[int]], counts: list[int]) -> None:
+    """Append each row's new tokens, cut at EOS (kept), max_new_tokens and the context; drop
+    the rows that finished."""
+    keep = []
+    for i, r in enumerate(batch.rows):
+        res = batch.results[r]
+        budget = min(dec.max_new_tokens - len(res.tokens), dec.context - int(batch.lens[i]) - len(res.tokens))
         toks = new[i][: min(counts[i], budget)]
         for j, t in enumerate(toks):
-            if t in eos_ids:
+            if t in dec.eos_ids:
                 toks = toks[: j + 1]
                 res.finished = True
                 break
         res.tokens += toks
-        if stream is not None and toks:
-            stream(r, toks)
+        if dec.stream is not None and toks:
+            dec.stream(r, toks)
         if res.finished or len(toks) == budget:
             res.finished = True
-            res.seconds = time.perf_counter() - start
-            done.add(r)
-    return done
+            res.seconds = time.perf_counter() - batch.start
+        else:
+            keep.append(i)
+    if len(keep) < len(batch.rows):
+        batch.keep(keep)
 
 
 def hf_generate(model, prompts: list[list[int]], max_new_tokens: int, *, sampling: Sampling = Sampling(),
-                eos_ids: frozenset[int] = frozenset(), pad_id: int = 0, seed: int | None = None) -> list[RowResult]:
-    """transformers' own `generate` on the same prompts (left-padded batch), for comparison."""
-    config = model.config
-    check_prompts(prompts, config.max_position_embeddings, model.get_output_embeddings().weight.shape[0])
+                eos_ids: frozenset[int] = frozenset(), pad_id: int | None = None, seed: int | None = None,
+                prompt_lookup: int | None = None) -> list[RowResult]:
+    """transformers' own `generate` on the same prompts (a left-padded batch; pad_id defaults
+    to the lowest EOS id), each output cut after its first EOS. prompt_lookup N selects its
+    prompt-lookup decoding with N tokens. target_forwards counts the model's forward calls, per
+    row at most its token count (a batch runs until its longest row ends); seconds is the
+    whole call's."""
+    check_prompts(prompts, model.config.max_position_embeddings, model.get_output_embeddings().weight.shape[0])
     dev = next(model.parameters()).device
+    pad = pad_id if pad_id is not None else min(eos_ids, default=0)
     L = max(len(p) for p in prompts)
-    ids = torch.tensor([[pad_id] * (L - len(p)) + p for p in prompts], device=dev)
+    ids = torch.tensor([[pad] * (L - len(p)) + p for p in prompts], device=dev)
     mask = torch.tensor([[0] * (L - len(p)) + [1] * len(p) for p in prompts], device=dev)
     if seed is not None:
         torch.manual_seed(seed)
-    greedy = sampling.temperature == 0
-    kwargs = {} if greedy else dict(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k)
-    start = time.perf_counter()
-    with torch.no_grad():
-        out = model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=not greedy,
-                             eos_token_id=sorted(eos_ids) or None, pad_token_id=pad_id, **kwargs)
-    seconds = time.perf_counter() - start
+    s = sampling
+    # None switches off any sampling setting the model's generation_config carries.
+    kwargs = dict(do_sample=False, temperature=None, top_p=None, top_k=None) if s.temperature == 0 else \
+        dict(do_sample=True, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k or None)
+    if prompt_lookup is not None:
+        kwargs["prompt_lookup_num_tokens"] = prompt_lookup
+    calls = [0]
+    hook = model.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    try:
+        start = time.perf_counter()
+        with torch.no_grad():
+            out = model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, pad_token_id=pad,
+                                 eos_token_id=sorted(eos_ids) or None, **kwargs)
+        seconds = time.perf_counter() - start
+    finally:
+        hook.remove()
     results = []
     for row in out[:, L:].tolist():
         cut = next((j + 1 for j, t in enumerate(row) if t in eos_ids), len(row))
-        results.append(RowResult(tokens=row[:cut], target_forwards=cut, seconds=seconds, finished=True))
+        results.append(RowResult(tokens=row[:cut], target_forwards=min(calls[0], cut), seconds=seconds, finished=True))
     return results

