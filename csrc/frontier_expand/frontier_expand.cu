@@ -48,7 +48,7 @@ struct ThreadScan {
   fe::LogSumExp lse;
 
   __device__ void offer(float x, int32_t i) {
-    if (fe::better(bound_v, bound_i, x, i)) fe::topk_insert(vals, idx, KT, x, i);
+    if (ranks_before(bound_v, bound_i, x, i)) fe::topk_insert(vals, idx, KT, x, i);
   }
   // n sanitized values of consecutive tokens from i0.
   template <int n>
@@ -96,7 +96,7 @@ __device__ void scan_row(const typename Elem<kDType>::T* row, int64_t n, ThreadS
   }
 }
 
-// Block-wide best (value, index) by fe::better; every thread gets the winner.
+// Block-wide best (value, index) by ranks_before; every thread gets the winner.
 __device__ void block_best(float& v, int32_t& i) {
   __shared__ float warp_v[kWarps];
   __shared__ int32_t warp_i[kWarps];
@@ -106,17 +106,17 @@ __device__ void block_best(float& v, int32_t& i) {
   for (int off = 16; off > 0; off /= 2) {
     const float ov = __shfl_xor_sync(0xffffffffu, v, off);
     const int32_t oi = __shfl_xor_sync(0xffffffffu, i, off);
-    if (fe::better(ov, oi, v, i)) v = ov, i = oi;
+    if (ranks_before(ov, oi, v, i)) v = ov, i = oi;
   }
   if (lane == 0) warp_v[warp] = v, warp_i[warp] = i;
   __syncthreads();
   if (warp == 0) {
-    v = lane < kWarps ? warp_v[lane] : fe::kNegInf;
+    v = lane < kWarps ? warp_v[lane] : kNegInf;
     i = lane < kWarps ? warp_i[lane] : fe::kNoIndex;
     for (int off = 16; off > 0; off /= 2) {
       const float ov = __shfl_xor_sync(0xffffffffu, v, off);
       const int32_t oi = __shfl_xor_sync(0xffffffffu, i, off);
-      if (fe::better(ov, oi, v, i)) v = ov, i = oi;
+      if (ranks_before(ov, oi, v, i)) v = ov, i = oi;
     }
     if (lane == 0) best_v = v, best_i = i;
   }
@@ -164,7 +164,7 @@ __global__ void __launch_bounds__(kThreads)
   float lse = 0.f;
   for (int64_t found = 0; found < k;) {
 #pragma unroll
-    for (int j = 0; j < KT; ++j) st.vals[j] = fe::kNegInf, st.idx[j] = fe::kNoIndex;
+    for (int j = 0; j < KT; ++j) st.vals[j] = kNegInf, st.idx[j] = fe::kNoIndex;
     scan_row<kDType, KT>(row, n, st);
     if (st.with_lse) {
       lse = block_lse(st.lse);
@@ -178,7 +178,7 @@ __global__ void __launch_bounds__(kThreads)
       if (st.idx[0] == i) {  // this thread held the winner: drop it from its list
 #pragma unroll
         for (int j = 0; j + 1 < KT; ++j) st.vals[j] = st.vals[j + 1], st.idx[j] = st.idx[j + 1];
-        st.vals[KT - 1] = fe::kNegInf;
+        st.vals[KT - 1] = kNegInf;
         st.idx[KT - 1] = fe::kNoIndex;
       }
       if (threadIdx.x == 0) {

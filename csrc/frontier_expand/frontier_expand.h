@@ -11,7 +11,6 @@
 namespace e2k {
 namespace fe {
 
-constexpr float kNegInf = -__builtin_huge_valf();
 // Index of an empty list slot: loses to every real candidate, even a -inf one.
 constexpr int32_t kNoIndex = INT32_MAX;
 
@@ -22,18 +21,15 @@ inline void check_sizes(const char* op, int64_t B, int64_t K, int64_t V, int64_t
   }
 }
 
-// The one total order of the op: higher value first, ties to the lower index. Values are
-// sanitized (never NaN) and -0.0 == +0.0, exactly like torch.sort(stable=True, descending=True).
-E2K_HD bool better(float a, int32_t ia, float b, int32_t ib) { return a > b || (a == b && ia < ib); }
-
-// Offer (v, i) to a list of n candidates sorted best first. Written as a bubble of fixed-position
-// swaps so that, for a compile-time n, the list stays in GPU registers.
+// Offer (v, i) to a list of n candidates sorted best first by ranks_before, the one total order
+// of the op. Written as a bubble of fixed-position swaps so that, for a compile-time n, the list
+// stays in GPU registers.
 E2K_HD void topk_insert(float* vals, int32_t* idx, int n, float v, int32_t i) {
-  if (!better(v, i, vals[n - 1], idx[n - 1])) return;
+  if (!ranks_before(v, i, vals[n - 1], idx[n - 1])) return;
   vals[n - 1] = v;
   idx[n - 1] = i;
   for (int j = n - 1; j > 0; --j) {
-    if (!better(vals[j], idx[j], vals[j - 1], idx[j - 1])) break;
+    if (!ranks_before(vals[j], idx[j], vals[j - 1], idx[j - 1])) break;
     float tv = vals[j];
     vals[j] = vals[j - 1];
     vals[j - 1] = tv;

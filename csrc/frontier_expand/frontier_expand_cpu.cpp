@@ -3,7 +3,6 @@
 // frontier is the top-k of the row's K*k children. Rows are spread over std::threads when the
 // work is large enough to pay for starting them.
 #include <algorithm>
-#include <cstring>
 #include <stdexcept>
 #include <string>
 #include <thread>
@@ -31,21 +30,17 @@ constexpr int64_t kMinWorkPerThread = int64_t(1) << 15;
 // default -ftrapping-math) does not vectorise a loop that selects on a float compare, while
 // integer selects vectorise fine.
 
-uint32_t float_bits(float x) {
-  uint32_t u;
-  std::memcpy(&u, &x, sizeof u);
-  return u;
-}
-
-// Signed integer with the order of the (non-NaN) float; the map is its own inverse.
-int32_t order_key(int32_t i) { return i ^ ((i >> 31) & 0x7fffffff); }
+// float_order_key with its sign bit flipped, as a signed int32: the same order, and the lane
+// max below then is a signed one, which baseline x86-64 (SSE2) compares natively.
+int32_t signed_order_key(float x) { return int32_t(float_order_key(x) ^ 0x80000000u); }
+float signed_order_key_float(int32_t key) { return order_key_float(uint32_t(key) ^ 0x80000000u); }
 
 // exp(x) for x <= 0 (-inf included) without a library call. Below -87 the result would be
 // subnormal; it returns about 1.6e-38 instead, which is lost next to the row maximum's term
 // exp(0) = 1 in every sum it enters. Error: below 1.2 ulp (checked against double exp).
 float exp_nonpositive(float x) {
   // Clamp to -87 by the bits: for x <= 0 a larger bit pattern is a more negative float.
-  x = bits_to_float(std::min(float_bits(x), float_bits(-87.f)));
+  x = bits_to_float(std::min(float_to_bits(x), float_to_bits(-87.f)));
   // x = n ln2 + r with |r| <= ln2 / 2; n by the round-to-nearest of adding 1.5 * 2^23.
   const float n = (x * 1.44269504f + 12582912.f) - 12582912.f;
   const float r = (x - n * 0.693145752f) - n * 1.42860677e-06f;
@@ -62,10 +57,10 @@ float exp_nonpositive(float x) {
 
 float chunk_max(const float* buf) {
   int32_t m[kLanes];
-  std::fill(m, m + kLanes, order_key(int32_t(float_bits(fe::kNegInf))));
+  std::fill(m, m + kLanes, signed_order_key(kNegInf));
   for (int j = 0; j < kChunk; j += kLanes)
-    for (int l = 0; l < kLanes; ++l) m[l] = std::max(m[l], order_key(int32_t(float_bits(buf[j + l]))));
-  return bits_to_float(uint32_t(order_key(*std::max_element(m, m + kLanes))));
+    for (int l = 0; l < kLanes; ++l) m[l] = std::max(m[l], signed_order_key(buf[j + l]));
+  return signed_order_key_float(*std::max_element(m, m + kLanes));
 }
 
 // sum of exp(buf[j] - max); max is finite and >= every buf[j].
@@ -81,21 +76,21 @@ float chunk_exp_sum(const float* buf, float max) {
 // Top-k of one row by logit into (vals, toks), best first; returns the row's log-sum-exp.
 template <int kDType>
 float scan_row(const void* row, int64_t V, int64_t k, float* vals, int32_t* toks) {
-  std::fill(vals, vals + k, fe::kNegInf);
+  std::fill(vals, vals + k, kNegInf);
   std::fill(toks, toks + k, fe::kNoIndex);
   fe::LogSumExp lse;
   float buf[kChunk];
   for (int64_t c = 0; c < V; c += kChunk) {
     const int n = int(std::min<int64_t>(kChunk, V - c));
     for (int j = 0; j < n; ++j) buf[j] = sanitize(load_float(row, kDType, c + j));
-    std::fill(buf + n, buf + kChunk, fe::kNegInf);
+    std::fill(buf + n, buf + kChunk, kNegInf);
     const float m = chunk_max(buf);
     // Only a chunk holding a value >= the list's worst entry can change the list.
     if (m >= vals[k - 1]) {
       for (int j = 0; j < n; ++j) fe::topk_insert(vals, toks, int(k), buf[j], int32_t(c + j));
     }
     lse.raise_max(m);
-    if (lse.max != fe::kNegInf) lse.sum += chunk_exp_sum(buf, lse.max);
+    if (lse.max != kNegInf) lse.sum += chunk_exp_sum(buf, lse.max);
   }
   return lse.value();
 }
@@ -160,7 +155,7 @@ void frontier_expand_cpu(const void* logits, int dtype, const float* parent_scor
   for (int64_t b = 0; b < B; ++b) {
     float* vals = frontier_scores + b * k;
     int32_t* idx = frontier_index + b * k;
-    std::fill(vals, vals + k, fe::kNegInf);
+    std::fill(vals, vals + k, kNegInf);
     std::fill(idx, idx + k, fe::kNoIndex);
     for (int64_t c = 0; c < n; ++c) fe::topk_insert(vals, idx, int(k), child_scores[b * n + c], int32_t(c));
   }

@@ -5,7 +5,6 @@
 // so it takes at most as many steps as there are nodes, whatever the input holds.
 #pragma once
 #include <cstdint>
-#include <cstring>
 
 #include "eagle2_kernels/common.h"
 
@@ -19,17 +18,12 @@ E2K_HD int32_t rerank_cand_parent(const int32_t* cand_parents, int32_t i) {
   return p >= 0 && p < i ? p : -1;
 }
 
-// Effective score as a key that increases as the score decreases, so ascending keys are the
-// keep order. Scores are sanitized (no NaN); -0 and +0 compare equal and get the same key.
+// Effective score as a key that increases as the score decreases (the complement of its order
+// key), so ascending keys are the keep order. Scores are sanitized (no NaN); -0 and +0 compare
+// equal and get the same key.
 E2K_HD uint32_t rerank_score_key(float eff) {
   if (eff == 0.0f) eff = 0.0f;
-#if defined(__CUDA_ARCH__)
-  const uint32_t u = __float_as_uint(eff);
-#else
-  uint32_t u;
-  std::memcpy(&u, &eff, sizeof u);
-#endif
-  return u & 0x80000000u ? u : ~u & 0x7fffffffu;  // negative: larger magnitude, larger key
+  return ~float_order_key(eff);
 }
 
 // True when candidate a comes before candidate b in the keep order: effective score

@@ -42,7 +42,6 @@ constexpr int kTileKeys = 64;
 constexpr int kMaxSplits = 64;
 constexpr int kMinSplitKeys = 256;  // a split shorter than this costs more in merging than it saves
 constexpr float kLog2e = 1.4426950408889634f;
-constexpr float kNegInf = -__builtin_huge_valf();
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
 constexpr bool kArchHasBf16Mma = false;  // wmma on bfloat16 needs sm_80

@@ -28,16 +28,6 @@ E2K_HD bool tree_bit(const int32_t* words, int64_t j) {
   return (static_cast<uint32_t>(words[j >> 5]) >> (j & 31)) & 1u;
 }
 
-E2K_HD uint32_t float_to_bits(float f) {
-#if defined(__CUDA_ARCH__)
-  return __float_as_uint(f);
-#else
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof u);
-  return u;
-#endif
-}
-
 // float -> IEEE half bits, round to nearest even (overflow -> inf, subnormals exact, NaN kept NaN).
 E2K_HD uint16_t float_to_half_bits(float f) {
   const uint32_t x = float_to_bits(f);

@@ -15,7 +15,6 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
-#include <limits>
 #include <system_error>
 #include <thread>
 #include <vector>
@@ -43,7 +42,6 @@ constexpr int64_t kDimPad = 32;
 constexpr int64_t kRowPad = 6;
 // Below this many multiply-adds per thread, starting threads costs more than it saves.
 constexpr int64_t kMinWorkPerThread = int64_t(1) << 21;
-constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 constexpr int64_t round_up(int64_t x, int64_t to) { return (x + to - 1) / to * to; }
 

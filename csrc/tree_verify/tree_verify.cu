@@ -18,7 +18,6 @@ namespace {
 constexpr int kThreads = 512;
 constexpr int kWarps = kThreads / 32;
 constexpr unsigned kFullMask = 0xffffffffu;
-constexpr float kNegInf = -__builtin_huge_valf();
 
 struct Shared {
   double sums[kWarps];
@@ -56,13 +55,13 @@ __device__ int64_t block_argmax(float v, int64_t i, Shared& sh) {
   for (int o = 16; o > 0; o >>= 1) {
     const float ov = __shfl_xor_sync(kFullMask, v, o);
     const int64_t oi = __shfl_xor_sync(kFullMask, i, o);
-    if (verify_argmax_better(ov, oi, v, i)) v = ov, i = oi;
+    if (ranks_before(ov, oi, v, i)) v = ov, i = oi;
   }
   __syncthreads();
   if ((threadIdx.x & 31) == 0) sh.maxes[threadIdx.x >> 5] = v, sh.ids[threadIdx.x >> 5] = i;
   __syncthreads();
   for (int w = 0; w < kWarps; ++w)
-    if (verify_argmax_better(sh.maxes[w], sh.ids[w], v, i)) v = sh.maxes[w], i = sh.ids[w];
+    if (ranks_before(sh.maxes[w], sh.ids[w], v, i)) v = sh.maxes[w], i = sh.ids[w];
   return i;
 }
 
@@ -194,7 +193,7 @@ struct GreedyNode {
     int64_t best_i = INT64_MAX;
     for (int64_t i = threadIdx.x; i < logits.V; i += kThreads) {
       const float v = sanitize(logits(n, i));
-      if (verify_argmax_better(v, i, best, best_i)) best = v, best_i = i;
+      if (ranks_before(v, i, best, best_i)) best = v, best_i = i;
     }
     argmax = int32_t(block_argmax(best, best_i, sh));
   }
@@ -255,7 +254,7 @@ struct SamplingNode {
   __device__ void top_p_filter() {
     const int64_t V = logits.V;
     const Selection s = radix_select<true>(w, V, double(top_p), sh);
-    const float v = verify_key_float(s.key);
+    const float v = order_key_float(s.key);
     double n_eq = 0.0;
     for (int64_t i = threadIdx.x; i < V; i += kThreads) n_eq += w[i] == v ? 1.0 : 0.0;
     const int64_t n_ties = int64_t(block_sum(n_eq, sh));

@@ -27,11 +27,6 @@ E2K_HD bool verify_token_ok(int32_t token, int64_t V) { return token >= 0 && tok
 // Logit after temperature, as reference.sampling_probs computes it (float32 division).
 E2K_HD float verify_scaled_logit(float raw, float temperature) { return sanitize(sanitize(raw) / temperature); }
 
-// Argmax combine step: larger value wins, ties go to the lower id.
-E2K_HD bool verify_argmax_better(float v, int64_t i, float best, int64_t best_i) {
-  return v > best || (v == best && i < best_i);
-}
-
 // Sampling coin for a child with (residual) probability p: accept iff u * total < p.
 E2K_HD bool verify_coin_accepts(float u, double total, float p) { return double(u) * total < double(p); }
 
@@ -43,21 +38,9 @@ E2K_HD bool verify_cdf_crossed(double running_sum, float threshold) { return flo
 // Total of a distribution as the reference sees it: a float32 sum read as a Python float.
 E2K_HD double verify_total(double sum) { return double(float(sum)); }
 
-// Unsigned key with the order of the float values (-0.0 and 0.0 share a key), for radix
-// selection on the device.
-E2K_HD uint32_t verify_order_key(float f) {
-  uint32_t u;
-  f += 0.0f;  // -0.0 -> +0.0: equal floats must get equal keys
-#if defined(__CUDA_ARCH__)
-  u = __float_as_uint(f);
-#else
-  std::memcpy(&u, &f, sizeof u);
-#endif
-  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
-}
-
-// Inverse of verify_order_key (for keys of non-NaN floats).
-E2K_HD float verify_key_float(uint32_t key) { return bits_to_float((key & 0x80000000u) ? (key ^ 0x80000000u) : ~key); }
+// float_order_key with -0.0 read as 0.0, for radix selection on the device: equal floats must
+// get equal keys. order_key_float maps the key back (to 0.0 for either zero).
+E2K_HD uint32_t verify_order_key(float f) { return float_order_key(f + 0.0f); }
 
 // top_p among tokens of equal probability v: with mass `above` on strictly larger tokens, the
 // r-th of the n_eq ties (in id order) is preceded by mass fl32(fl32(above + (r+1) v) - v), as

@@ -4,9 +4,7 @@
 #include <algorithm>
 #include <array>
 #include <cmath>
-#include <cstring>
 #include <functional>
-#include <limits>
 #include <thread>
 #include <utility>
 #include <vector>
@@ -16,8 +14,6 @@
 
 namespace e2k {
 namespace {
-
-constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 // Calls fn(load), load(i) = element offset + i of the logits as float, with the dtype switch
 // hoisted out of the per-token loops.
@@ -99,11 +95,7 @@ TopPBoundary top_p_boundary(float* a, int64_t n, float top_p, double above) {
 // non-negative float order it like its value), so the quickselect only sees that bucket.
 void keep_top_p(float* p, int64_t V, float top_p, std::vector<float>& scratch) {
   constexpr int kShift = 20;  // 2048 buckets: exponent and 3 mantissa bits
-  auto bucket = [](float x) {
-    uint32_t u;
-    std::memcpy(&u, &x, sizeof u);
-    return u >> kShift;
-  };
+  auto bucket = [](float x) { return float_to_bits(x) >> kShift; };
   std::array<double, (size_t(1) << (31 - kShift))> mass{};  // sign bit 0
   for (int64_t i = 0; i < V; ++i) mass[bucket(p[i])] += p[i];
   // The boundary's bucket: the lowest one with mass whose larger buckets hold mass < top_p.
@@ -175,7 +167,7 @@ struct GreedyNode {
       int64_t best_i = 0;
       for (int64_t i = 1; i < V; ++i) {
         const float v = sanitize(load(i));
-        if (verify_argmax_better(v, i, best, best_i)) {
+        if (ranks_before(v, i, best, best_i)) {
           best = v;
           best_i = i;
         }

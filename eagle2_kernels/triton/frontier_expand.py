@@ -18,9 +18,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ..reference import FLOAT32_MAX, FrontierExpansion
+from ..reference import FrontierExpansion
+from ._common import order_key, order_key_float, sanitize
 
-_F32_MAX = tl.constexpr(FLOAT32_MAX)
 _EMPTY = tl.constexpr(-(2**63))  # smallest int64: the key of a padding lane or an unfilled slot
 
 # Logits per tile: a power of two (tl.arange) large enough to amortise the per-tile reductions
@@ -31,18 +31,10 @@ BLOCK_N = 256
 
 
 @triton.jit
-def _sanitize(x):
-    # reference.sanitize: NaN -> -inf, +inf -> FLOAT32_MAX.
-    x = tl.where(x != x, float("-inf"), x)
-    return tl.where(x == float("inf"), _F32_MAX, x)
-
-
-@triton.jit
 def _pack(x, idx, valid):
     """int64 keys ordered like (x desc, idx asc); invalid lanes get the smallest key."""
     x = tl.where(x == 0.0, 0.0, x)  # -0.0 ties with +0.0, as in the reference's float compare
-    bits = x.to(tl.int32, bitcast=True)
-    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # signed int with the float's order
+    ordered = order_key(x)
     # ordered * 2^32 + (2^32 - 1 - idx): the low word is larger for a lower index.
     key = ((ordered.to(tl.int64) + 1) << 32) - idx.to(tl.int64) - 1
     return tl.where(valid, key, _EMPTY)
@@ -53,9 +45,7 @@ def _unpack(key):
     """(x, idx) of packed keys."""
     ordered = key >> 32
     idx = (4294967296 - (key - (ordered << 32))) - 1
-    bits = ordered.to(tl.int32)
-    bits = bits ^ ((bits >> 31) & 0x7FFFFFFF)
-    return bits.to(tl.float32, bitcast=True), idx.to(tl.int32)
+    return order_key_float(ordered.to(tl.int32)), idx.to(tl.int32)
 
 
 @triton.jit
@@ -90,7 +80,7 @@ def _expand_rows_kernel(logits_ptr, parent_ptr, tokens_ptr, scores_ptr, V, k,
     for start in range(0, V, BLOCK_V):
         idx = start + lanes
         valid = idx < V
-        x = _sanitize(tl.load(base + idx, mask=valid, other=float("-inf")).to(tl.float32))
+        x = sanitize(tl.load(base + idx, mask=valid, other=float("-inf")).to(tl.float32))
         new_max = tl.maximum(run_max, tl.max(x, 0))
         if new_max != float("-inf"):  # while the row is all -inf its sum stays 0
             run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(tl.exp(x - new_max), 0)
@@ -102,7 +92,7 @@ def _expand_rows_kernel(logits_ptr, parent_ptr, tokens_ptr, scores_ptr, V, k,
     lse = run_max + tl.log(tl.where(dead, 1.0, run_sum))
     x, tok = _unpack(best)
     logp = x - tl.where(dead, 0.0, lse)
-    parent = _sanitize(tl.load(parent_ptr + row))
+    parent = sanitize(tl.load(parent_ptr + row))
     out = tl.arange(0, KP)
     tl.store(tokens_ptr + row.to(tl.int64) * k + out, tok, mask=out < k)
     tl.store(scores_ptr + row.to(tl.int64) * k + out, parent + logp, mask=out < k)

@@ -15,24 +15,15 @@ import triton
 import triton.language as tl
 
 from ..reference import VerifyResult
+from ._common import order_key, sanitize
 
-_FLOAT32_MAX = tl.constexpr(3.4028234663852886e38)
 _INT32_MAX = tl.constexpr(2147483647)
 
 
 @triton.jit
-def _sanitize(x):
-    """reference.sanitize: NaN -> -inf, +inf -> the largest float32."""
-    x = tl.where(x != x, float("-inf"), x)
-    return tl.where(x == float("inf"), _FLOAT32_MAX, x)
-
-
-@triton.jit
 def _order_key(x):
-    """int32 key with the order of the float32 values x (no NaN); -0.0 and 0.0 share a key.
-    For x >= 0 the key is the bit pattern itself."""
-    bits = (x + 0.0).to(tl.int32, bitcast=True)
-    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    """_common.order_key with -0.0 and 0.0 sharing a key (0.0's): equal floats get equal keys."""
+    return order_key(x + 0.0)
 
 
 @triton.jit
@@ -42,7 +33,7 @@ def _row_argmax(row, V, BLOCK: tl.constexpr):
     best_i = tl.full((), 0, tl.int32)
     for start in range(0, V, BLOCK):
         offs = start + tl.arange(0, BLOCK)
-        x = _sanitize(tl.load(row + offs, mask=offs < V, other=float("-inf")).to(tl.float32))
+        x = sanitize(tl.load(row + offs, mask=offs < V, other=float("-inf")).to(tl.float32))
         cmax = tl.max(x, 0)
         cidx = tl.min(tl.where(x == cmax, offs, _INT32_MAX), 0)
         better = cmax > best  # strict: an earlier chunk keeps ties
@@ -160,7 +151,7 @@ def _sampling_probs(row, w, V, temperature, top_p, top_k, BLOCK: tl.constexpr, R
         offs = start + tl.arange(0, BLOCK)
         valid = offs < V
         raw = tl.load(row + offs, mask=valid, other=float("-inf")).to(tl.float32)
-        x = _sanitize(tl.math.div_rn(_sanitize(raw), temperature))
+        x = sanitize(tl.math.div_rn(sanitize(raw), temperature))
         tl.store(w + offs, x, mask=valid)
         mx = tl.maximum(mx, tl.max(x, 0))
     tl.debug_barrier()
@@ -174,28 +165,10 @@ def _sampling_probs(row, w, V, temperature, top_p, top_k, BLOCK: tl.constexpr, R
         cut = V
         if (top_k > 0) & (top_k < V):
             t, cut = _top_k_threshold(w, V, top_k, BLOCK, RBLOCK)
-        tl.debug_barrier()
-        norm = tl.full((), 0.0, tl.float64)
-        for start in range(0, V, BLOCK):
-            offs = start + tl.arange(0, BLOCK)
-            valid = offs < V
-            x = tl.load(w + offs, mask=valid, other=float("-inf"))
-            e = tl.where(_keep(_order_key(x).to(tl.int64), offs, t, cut) & valid, tl.exp(x - mx), 0.0)
-            tl.store(w + offs, e, mask=valid)
-            norm += tl.sum(e.to(tl.float64), 0)
-        _normalize(w, V, norm.to(tl.float32), BLOCK)
+        _keep_normalized(w, V, t, cut, mx, True, BLOCK)
         if top_p < 1.0:
             t, cut = _top_p_threshold(w, V, top_p, BLOCK, RBLOCK)
-            tl.debug_barrier()
-            norm = tl.full((), 0.0, tl.float64)
-            for start in range(0, V, BLOCK):
-                offs = start + tl.arange(0, BLOCK)
-                valid = offs < V
-                p = tl.load(w + offs, mask=valid, other=0.0)
-                p = tl.where(_keep(_order_key(p).to(tl.int64), offs, t, cut), p, 0.0)
-                tl.store(w + offs, p, mask=valid)
-                norm += tl.sum(p.to(tl.float64), 0)
-            _normalize(w, V, norm.to(tl.float32), BLOCK)
+            _keep_normalized(w, V, t, cut, mx, False, BLOCK)
         total = tl.full((), 0.0, tl.float64)
         for start in range(0, V, BLOCK):
             offs = start + tl.arange(0, BLOCK)
@@ -203,6 +176,25 @@ def _sampling_probs(row, w, V, temperature, top_p, top_k, BLOCK: tl.constexpr, R
         total = total.to(tl.float32).to(tl.float64)
     tl.debug_barrier()
     return total
+
+
+@triton.jit
+def _keep_normalized(w, V, t, cut, mx, EXP: tl.constexpr, BLOCK: tl.constexpr):
+    """Zeroes the entries of w[0..V) that the threshold (t, cut) does not keep (_keep), then
+    normalises. EXP: w holds logits (row maximum mx) and each kept x becomes exp(x - mx)."""
+    tl.debug_barrier()
+    norm = tl.full((), 0.0, tl.float64)
+    for start in range(0, V, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        valid = offs < V
+        x = tl.load(w + offs, mask=valid, other=float("-inf"))
+        kept = _keep(_order_key(x).to(tl.int64), offs, t, cut) & valid
+        if EXP:
+            x = tl.exp(x - mx)
+        x = tl.where(kept, x, 0.0)
+        tl.store(w + offs, x, mask=valid)
+        norm += tl.sum(x.to(tl.float64), 0)
+    _normalize(w, V, norm.to(tl.float32), BLOCK)
 
 
 @triton.jit

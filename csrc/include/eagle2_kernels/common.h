@@ -1,5 +1,6 @@
-// Helpers shared by the CPU (C++) and CUDA kernels: host/device qualifiers, 16-bit float
-// decoding without CUDA headers, and the input sanitising rule of eagle2_kernels.reference.
+// Helpers shared by the CPU (C++) and CUDA kernels: host/device qualifiers, float bit casts and
+// the order key of float bits, 16-bit float decoding without CUDA headers, the input sanitising
+// rule of eagle2_kernels.reference and the (value, index) order of top-k and argmax.
 #pragma once
 #include <cstdint>
 #include <cstring>
@@ -14,14 +15,40 @@ namespace e2k {
 
 enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
-E2K_HD float bits_to_float(uint32_t u) {
+constexpr float kNegInf = -__builtin_huge_valf();
+
+// The IEEE bit pattern of a float and back: CUDA's intrinsics in device code, memcpy in host code
+// (the defined way to reinterpret an object's bits before C++20's std::bit_cast).
 #if defined(__CUDA_ARCH__)
-  return __uint_as_float(u);
+E2K_HD uint32_t float_to_bits(float f) { return __float_as_uint(f); }
+E2K_HD float bits_to_float(uint32_t u) { return __uint_as_float(u); }
 #else
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
+template <class To, class From>
+inline To host_bit_cast(From x) {
+  static_assert(sizeof(To) == sizeof(From), "host_bit_cast: sizes differ");
+  To y;
+  std::memcpy(&y, &x, sizeof y);
+  return y;
+}
+E2K_HD uint32_t float_to_bits(float f) { return host_bit_cast<uint32_t>(f); }
+E2K_HD float bits_to_float(uint32_t u) { return host_bit_cast<float>(u); }
 #endif
+
+// Unsigned key with the order of the float values, so that integer compares, max and radix
+// digits order floats. Flipping the magnitude bits of a negative float makes the bit patterns
+// order like signed ints; flipping the sign bit then makes them order as unsigned ones. A
+// bijection on 32-bit patterns: -0.0 keys just below +0.0 (callers that need equal keys for
+// equal floats map -0.0 to +0.0 first) and NaNs sort beyond the infinity of their sign. No
+// branch and no float compare, so CPU loops over it vectorise.
+E2K_HD uint32_t float_order_key(float f) {
+  const uint32_t u = float_to_bits(f);
+  return (u ^ (uint32_t(int32_t(u) >> 31) >> 1)) ^ 0x80000000u;
+}
+
+// Inverse of float_order_key.
+E2K_HD float order_key_float(uint32_t key) {
+  const uint32_t s = key ^ 0x80000000u;
+  return bits_to_float(s ^ (uint32_t(int32_t(s) >> 31) >> 1));
 }
 
 // IEEE half -> float, exact for every value (subnormals, inf, NaN included).
@@ -52,9 +79,17 @@ constexpr float kFloat32Max = 3.402823466e+38f;
 
 // NaN -> -inf, +inf -> largest float32 (reference.sanitize).
 E2K_HD float sanitize(float x) {
-  if (x != x) return -__builtin_huge_valf();
+  if (x != x) return kNegInf;
   if (x == __builtin_huge_valf()) return kFloat32Max;
   return x;
+}
+
+// Whether (a, ia) comes before (b, ib) in the order of the top-k and argmax kernels: higher value
+// first, ties to the lower index. On sanitized values (never NaN; -0.0 == +0.0) this is the order
+// of torch.sort(stable=True, descending=True), whose first entry is torch.argmax's.
+template <class Index>
+E2K_HD bool ranks_before(float a, Index ia, float b, Index ib) {
+  return a > b || (a == b && ia < ib);
 }
 
 }  // namespace e2k
