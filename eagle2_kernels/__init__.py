@@ -12,7 +12,7 @@ to the fastest available backend, or to the one named by `backend=`. `backends()
 this installation can run, `device_name(device)` what runs it. `eagle2_kernels.reference` holds the PyTorch specification.
 `pack_mask_bits` builds the bit-packed tree masks that rerank returns and tree_attention takes.
 """
-from ._backend import backends, device_name
+from ._backend import IMPLEMENTATIONS, backends, device_name
 from .ops.frontier_expand import frontier_expand
 from .ops.kv_compact import kv_compact
 from .ops.rerank import rerank
@@ -21,7 +21,7 @@ from .ops.tree_verify import tree_verify
 from .reference import FrontierExpansion, Tree, VerifyResult, pack_mask_bits
 
 # Every public op, in pipeline order (the tests, the benchmarks and CI iterate over this).
-OPS = ("frontier_expand", "rerank", "tree_attention", "tree_verify", "kv_compact")
+OPS = tuple(IMPLEMENTATIONS)
 
 __all__ = [
     "OPS", "FrontierExpansion", "Tree", "VerifyResult", "backends", "device_name", "frontier_expand", "kv_compact",

@@ -11,7 +11,6 @@ validate torch tensors and pass `tensor.data_ptr()`.
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import importlib
 import os
@@ -20,6 +19,14 @@ import platform
 import torch
 
 NAMES = ("reference", "cpu", "cuda", "triton")
+# The implementations of each public op: dispatch and the tests both read this table.
+IMPLEMENTATIONS = {
+    "frontier_expand": ("reference", "cpu", "cuda", "triton"),
+    "rerank": ("reference", "cpu", "cuda"),
+    "tree_attention": ("reference", "cpu", "cuda", "triton"),
+    "tree_verify": ("reference", "cpu", "cuda", "triton"),
+    "kv_compact": ("reference", "cpu", "cuda"),
+}
 
 
 @functools.cache
@@ -100,8 +107,9 @@ def call_native(backend: str, op: str, like: torch.Tensor, *args) -> None:
         fn(*args, torch.cuda.current_stream(like.device).cuda_stream)
 
 
-def resolve(op: str, device: torch.device, backend: str | None, supported: tuple[str, ...]) -> str:
+def resolve(op: str, device: torch.device, backend: str | None) -> str:
     """Pick the backend for one call: the explicit override, else the fastest that runs here."""
+    supported = IMPLEMENTATIONS[op]
     if backend is not None:
         if backend not in NAMES:
             raise ValueError(f"backend: expected one of {NAMES} or None, got {backend!r}")

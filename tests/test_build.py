@@ -11,7 +11,7 @@ import torch
 import eagle2_kernels
 from eagle2_kernels import _backend
 
-OPS = ("frontier_expand", "rerank", "tree_attention", "tree_verify", "kv_compact")
+OPS = eagle2_kernels.OPS
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -58,7 +58,11 @@ def test_cuda_backend_on_cpu_tensors_is_a_clear_error():
 
 def test_unknown_backend_is_rejected():
     with pytest.raises(ValueError, match="backend"):
-        _backend.resolve("rerank", torch.device("cpu"), "metal", ("reference", "cpu"))
+        _backend.resolve("rerank", torch.device("cpu"), "metal")
+    with pytest.raises(ValueError, match="rerank has no 'triton' implementation"):
+        eagle2_kernels.rerank(torch.zeros(1, 3), torch.full((1, 3), -1, dtype=torch.int32),
+                              torch.zeros(1, 3, dtype=torch.int32), torch.ones(1, dtype=torch.int32),
+                              torch.ones(1, dtype=torch.int32), 2, backend="triton")
 
 
 def test_draft_head_files_are_installed():

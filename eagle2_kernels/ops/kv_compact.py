@@ -40,7 +40,7 @@ def kv_compact(
     if dev.type == "cpu":
         _check_data(S, prefix_len, accepted, accept_len)
 
-    name = _backend.resolve("kv_compact", dev, backend, ("reference", "cpu", "cuda"))
+    name = _backend.resolve("kv_compact", dev, backend)
     if name == "reference":
         reference.kv_compact(cache, prefix_len, accepted, accept_len)
     else:

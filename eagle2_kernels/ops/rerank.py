@@ -70,7 +70,7 @@ def rerank(
     }
     out = check.outputs(out, Tree, like)
 
-    name = _backend.resolve("rerank", dev, backend, ("reference", "cpu", "cuda"))
+    name = _backend.resolve("rerank", dev, backend)
     if name == "reference":
         for o, r in zip(out, reference.rerank(cand_scores, cand_parents, cand_tokens, root_tokens, prefix_len, m, L - 1)):
             o.copy_(r)

@@ -56,7 +56,7 @@ def tree_attention(
         check.tensor("out", out, dtypes=(q.dtype,), shape=(B, Hq, n, d), device=dev)
 
     backend = check.f64_backend("q", q, backend)
-    name = _backend.resolve("tree_attention", dev, backend, ("reference", "cpu", "cuda", "triton"))
+    name = _backend.resolve("tree_attention", dev, backend)
     if name == "reference":
         out.copy_(reference.tree_attention(q, k_cache, v_cache, tree_mask_bits, prefix_len, scale))
     elif name == "triton":

@@ -76,7 +76,7 @@ def tree_verify(
     out = check.outputs(out, VerifyResult, like)
 
     backend = check.f64_backend("target_logits", target_logits, backend)
-    name = _backend.resolve("tree_verify", dev, backend, ("reference", "cpu", "cuda", "triton"))
+    name = _backend.resolve("tree_verify", dev, backend)
     if name == "reference":
         res = reference.tree_verify(tokens, parents, target_logits, temperature, top_p, top_k, uniforms, L - 1)
         for o, r in zip(out, res):

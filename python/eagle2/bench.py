@@ -211,9 +211,9 @@ def run_cli(args, shape) -> int:
         raise SystemExit(f"eagle2 bench: {e}")
     import torch
 
-    import eagle2
+    from .api import load
 
-    gen = eagle2.load(args.target, args.draft, dtype=getattr(torch, args.dtype), device=args.device)
+    gen = load(args.target, args.draft, dtype=getattr(torch, args.dtype), device=args.device)
     if args.retune:
         from .autotune import forget
 

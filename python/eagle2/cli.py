@@ -211,10 +211,10 @@ def run_generate(args) -> int:
 
     import torch
 
-    import eagle2
+    from .api import load
 
     try:
-        gen = eagle2.load(args.target, args.draft, dtype=getattr(torch, args.dtype), device=args.device)
+        gen = load(args.target, args.draft, dtype=getattr(torch, args.dtype), device=args.device)
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"eagle2 generate: {e}")
     opts = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,

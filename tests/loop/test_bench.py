@@ -4,7 +4,7 @@ vanilla's)."""
 import json
 
 import pytest
-from loop_helpers import cheat_head, one_thread, tiny_target  # noqa: F401
+from loop_helpers import cheat_head, tiny_target
 from transformers import AutoTokenizer
 
 from eagle2 import Generator, Result, TreeShape, bench

@@ -3,7 +3,7 @@ token for token (ragged batches, several tree shapes, EOS, max_new_tokens, the c
 and clear errors for bad input."""
 import pytest
 import torch
-from loop_helpers import cheat_head, one_thread, ragged_prompts, random_head, tiny_target  # noqa: F401
+from loop_helpers import cheat_head, ragged_prompts, random_head, tiny_target
 
 from eagle2 import Generator, TreeShape
 

@@ -2,7 +2,7 @@
 "eagle2_tree" attention function, ragged rows, tree masks and in-place compaction."""
 import pytest
 import torch
-from loop_helpers import one_thread, tiny_target  # noqa: F401
+from loop_helpers import tiny_target
 from transformers.cache_utils import Cache
 
 import eagle2_kernels

@@ -3,7 +3,7 @@ random Llama saved with the default target's tokenizer, in float64 (exact)."""
 import json
 
 import pytest
-from loop_helpers import one_thread, random_head, tiny_target  # noqa: F401
+from loop_helpers import random_head, tiny_target
 from transformers import AutoTokenizer
 
 from eagle2.cli import main

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from loop_helpers import one_thread, random_head, tiny_target  # noqa: F401
+from loop_helpers import random_head, tiny_target
 from safetensors.torch import load_file, save_file
 
 from eagle2.attention import chain_bits

@@ -12,14 +12,9 @@ from scipy.stats import chisquare
 import eagle2_kernels as ek
 from eagle2_kernels import reference
 from eagle2_kernels.reference import VerifyResult
+from kernel_helpers import DTYPES, backends_under_test, device_of
 
-BACKENDS = ["cpu", "triton"] + (["cuda"] if ek.backends()["cuda"] == "available" else [])
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-
-
-def device_of(backend: str) -> torch.device:
-    on_gpu = backend == "cuda" or (backend == "triton" and torch.cuda.is_available())
-    return torch.device("cuda" if on_gpu else "cpu")
+BACKENDS = backends_under_test("tree_verify")
 
 
 def random_case(seed: int, B: int, m: int, V: int, special: str = "finite", dtype=torch.float32):

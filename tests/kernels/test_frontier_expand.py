@@ -12,16 +12,11 @@ from hypothesis import given, settings, strategies as st
 
 import eagle2_kernels as ek
 from eagle2_kernels import reference
+from kernel_helpers import DTYPES, backends_under_test, device_of
 
-CUDA = ek.backends()["cuda"] == "available"
-BACKENDS = ["cpu", "triton"] + (["cuda"] if CUDA else [])
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+BACKENDS = backends_under_test("frontier_expand")
 # Hypothesis examples per backend: the Triton CPU interpreter takes ~0.05 s per frontier row.
 EXAMPLES = {"cpu": 100, "cuda": 100, "triton": 100 if torch.cuda.is_available() else 25}
-
-
-def device_of(backend: str) -> torch.device:
-    return torch.device("cuda" if backend == "cuda" or (backend == "triton" and torch.cuda.is_available()) else "cpu")
 
 
 def check(out: reference.FrontierExpansion, logits: torch.Tensor, parent_scores: torch.Tensor, k: int) -> None:

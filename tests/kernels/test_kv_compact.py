@@ -8,15 +8,10 @@ from hypothesis import given, strategies as st
 
 import eagle2_kernels as ek
 from eagle2_kernels import _backend, reference
+from kernel_helpers import DTYPES, backends_under_test, device_of
 
-CUDA = ek.backends()["cuda"] == "available"
-BACKENDS = ["reference", "cpu"] + (["cuda"] if CUDA else [])
-NATIVE = ["cpu"] + (["cuda"] if CUDA else [])
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-
-
-def device_of(backend: str) -> torch.device:
-    return torch.device("cuda" if backend == "cuda" else "cpu")
+BACKENDS = backends_under_test("kv_compact", reference=True)
+NATIVE = backends_under_test("kv_compact", native=True)
 
 
 @st.composite

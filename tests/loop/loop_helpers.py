@@ -3,20 +3,10 @@ random Llama targets and draft heads in float64, where the loop's output must ma
 decoding exactly."""
 from __future__ import annotations
 
-import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from eagle2.draft import DraftHead
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models are dominated by per-op overhead; extra threads only add contention."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def tiny_target(vocab: int = 160, hidden: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2,

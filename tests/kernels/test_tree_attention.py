@@ -10,10 +10,9 @@ from hypothesis import given, settings, strategies as st
 
 import eagle2_kernels as ek
 from eagle2_kernels import reference
+from kernel_helpers import DTYPES, backends_under_test, device_of
 
-CUDA = ek.backends()["cuda"] == "available"
-BACKENDS = ["cpu", "triton"] + (["cuda"] if CUDA else [])
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+BACKENDS = backends_under_test("tree_attention")
 # Hypothesis examples per backend: the Triton CPU interpreter takes up to ~1 s per example.
 EXAMPLES = {"cpu": 80, "cuda": 80, "triton": 80 if torch.cuda.is_available() else 30}
 # float32: the kernels sum in another order than torch.matmul. float16 / bfloat16: the output is
@@ -23,10 +22,6 @@ TOL = {
     torch.float16: dict(atol=4e-3, rtol=4e-3),
     torch.bfloat16: dict(atol=3e-2, rtol=3e-2),
 }
-
-
-def device_of(backend: str) -> torch.device:
-    return torch.device("cuda" if backend == "cuda" or (backend == "triton" and torch.cuda.is_available()) else "cpu")
 
 
 def ancestor_rows(parents: list[int], queries: int) -> torch.Tensor:

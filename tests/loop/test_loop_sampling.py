@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 import torch
-from loop_helpers import cheat_head, one_thread, tiny_target  # noqa: F401
+from loop_helpers import cheat_head, tiny_target
 from scipy.stats import chisquare
 
 from eagle2 import Generator, TreeShape

@@ -10,15 +10,11 @@ from hypothesis import given, strategies as st
 
 import eagle2_kernels as ek
 from eagle2_kernels import _backend, reference
+from kernel_helpers import backends_under_test, device_of
 
-CUDA = ek.backends()["cuda"] == "available"
-BACKENDS = ["reference", "cpu"] + (["cuda"] if CUDA else [])
-NATIVE = ["cpu"] + (["cuda"] if CUDA else [])
+BACKENDS = backends_under_test("rerank", reference=True)
+NATIVE = backends_under_test("rerank", native=True)
 FLOAT32_MAX = torch.finfo(torch.float32).max
-
-
-def device_of(backend: str) -> torch.device:
-    return torch.device("cuda" if backend == "cuda" else "cpu")
 
 
 def eagle_candidates(g: torch.Generator, B: int, k: int, depth: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -7,7 +7,7 @@ import json
 
 import numpy as np
 import pytest
-from loop_helpers import cheat_head, one_thread, ragged_prompts, tiny_target  # noqa: F401
+from loop_helpers import cheat_head, ragged_prompts, tiny_target
 
 from eagle2 import Generator, TreeShape
 from eagle2 import autotune as at
