@@ -107,6 +107,17 @@ def call_native(backend: str, op: str, like: torch.Tensor, *args) -> None:
         fn(*args, torch.cuda.current_stream(like.device).cuda_stream)
 
 
+def call_triton(op: str, like: torch.Tensor, *args) -> None:
+    """Run `op`'s Triton launcher (eagle2_kernels.triton.<op>.<op>_triton) with `like`'s device
+    current: Triton launches on the current CUDA device, not on the tensors' own."""
+    fn = getattr(importlib.import_module(f"eagle2_kernels.triton.{op}"), f"{op}_triton")
+    if not like.is_cuda:
+        fn(*args)
+        return
+    with torch.cuda.device(like.device):
+        fn(*args)
+
+
 def resolve(op: str, device: torch.device, backend: str | None) -> str:
     """Pick the backend for one call: the explicit override, else the fastest that runs here."""
     supported = IMPLEMENTATIONS[op]

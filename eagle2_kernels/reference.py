@@ -270,14 +270,23 @@ def tree_attention(
     q [B, Hq, n, d]; k_cache, v_cache [B, Hkv, S, d] (Hq % Hkv == 0; query head h reads KV head
     h // (Hq // Hkv)); tree_mask_bits [B, n, W] int32; prefix_len [B] int32, ragged across the
     batch. Visibility is `tree_mask_visible`. Softmax in float32 (float64 for float64 inputs); the
-    output [B, Hq, n, d] has q's dtype. A query that sees no key gets zeros; NaN in q, k or v propagates to the output.
+    output [B, Hq, n, d] has q's dtype. A query that sees no key gets zeros.
+
+    NaN, on every backend: NaN in a query, or in the key of a key it sees, makes its whole output
+    row NaN; NaN in a value column of a key it sees makes that output column NaN (as
+    softmax(q k^T) v does). Keys past a row's tree region (prefix_len + 32 W on) are never read,
+    so they may hold anything. A non-finite value of a key inside the region that a query does not
+    see may still reach that query's output (tiled kernels multiply whole tiles by weight 0).
     """
     B, Hq, n, d = q.shape
     Hkv, S = k_cache.shape[1], k_cache.shape[2]
     group = Hq // Hkv
     acc = compute_dtype(q.dtype)
-    k = k_cache.to(acc).repeat_interleave(group, dim=1)
-    v = v_cache.to(acc).repeat_interleave(group, dim=1)
+    # Keys past a row's tree region are never read (their 0 weights would still carry NaN).
+    W = tree_mask_bits.shape[2]
+    in_range = (torch.arange(S, device=q.device) < (prefix_len.long() + 32 * W)[:, None])[:, None, :, None]
+    k = torch.where(in_range, k_cache.to(acc), 0.0).repeat_interleave(group, dim=1)
+    v = torch.where(in_range, v_cache.to(acc), 0.0).repeat_interleave(group, dim=1)
     scores = torch.matmul(q.to(acc), k.transpose(-1, -2)) * scale  # [B, Hq, n, S]
     visible = tree_mask_visible(tree_mask_bits, prefix_len, S)[:, None]  # [B, 1, n, S]
     scores = scores.masked_fill(~visible, NEG_INF)

@@ -314,8 +314,8 @@ __global__ void __launch_bounds__(kThreads)
   if (A.splits == 1) {
     for (int i = threadIdx.x; i < valid_rows * A.d; i += kThreads) {
       const int r = i / A.d, c = i % A.d;
-      const float l = sm_l[r];  // a row that saw no key outputs zeros
-      store_float(out, Dtype<T>::code, (row0 + r) * A.d + c, l > 0.0f ? Os[r * L.ld_o + c] / l : 0.0f);
+      const float l = sm_l[r];  // a row that saw no key outputs zeros; a NaN score made l NaN
+      store_float(out, Dtype<T>::code, (row0 + r) * A.d + c, l != 0.0f ? Os[r * L.ld_o + c] / l : 0.0f);
     }
   } else {
     const int64_t total_rows = int64_t(gridDim.x / A.row_tiles) * R;
@@ -332,6 +332,8 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // One warp per output row: out = sum_s acc_s 2^(m_s - M) / sum_s l_s 2^(m_s - M), M = max_s m_s.
+// A split that saw no key (l = 0) adds nothing; one whose l is NaN (a NaN score: NaN in q or in a
+// visible key) makes the row NaN, as in the reference.
 template <int DT>
 __global__ void __launch_bounds__(kThreads)
     tree_attention_merge_kernel(const float* __restrict__ part_acc, const float* __restrict__ part_ml, int splits,
@@ -343,13 +345,13 @@ __global__ void __launch_bounds__(kThreads)
   float total = 0.0f;
   for (int s = 0; s < splits; ++s) {
     const float l = part_ml[(s * total_rows + row) * 2 + 1];
-    if (l > 0.0f) total += l * exp2f(part_ml[(s * total_rows + row) * 2] - M);
+    if (l != 0.0f) total += l * exp2f(part_ml[(s * total_rows + row) * 2] - M);
   }
-  const float inv = total > 0.0f ? 1.0f / total : 0.0f;  // a row that saw no key outputs zeros
+  const float inv = total != 0.0f ? 1.0f / total : 0.0f;  // a row that saw no key outputs zeros
   for (int c = threadIdx.x % 32; c < d; c += 32) {
     float acc = 0.0f;
     for (int s = 0; s < splits; ++s) {
-      if (part_ml[(s * total_rows + row) * 2 + 1] > 0.0f)
+      if (part_ml[(s * total_rows + row) * 2 + 1] != 0.0f)
         acc += part_acc[(s * total_rows + row) * d + c] * exp2f(part_ml[(s * total_rows + row) * 2] - M);
     }
     store_float(out, DT, row * d + c, acc * inv);

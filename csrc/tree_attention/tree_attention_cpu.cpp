@@ -83,17 +83,21 @@ E2K_INLINE typename Simd<kLanes>::F exp_nonpositive(const typename Simd<kLanes>:
 
 // Online-softmax step of one row over a tile: s holds the tile's scaled scores (-inf where not
 // visible) and becomes the weights exp(s - m_new); m and l are the row's running max and sum.
-// Returns the factor by which the row's output so far must be rescaled.
+// Returns the factor by which the row's output so far must be rescaled. A NaN score (NaN in q or
+// in a visible key) makes m NaN for good, and with it l, the rescale factors and the output, as in
+// the reference; exp_nonpositive alone would give a NaN weight 0.
 template <int64_t kLanes>
 E2K_INLINE float softmax_tile_row(float* s, float& m, float& l) {
   using V = Simd<kLanes>;
   typename V::F mx = V::load(s);
+  typename V::I nan = mx != mx;
   for (int64_t j = kLanes; j < kTileKeys; j += kLanes) {
     const typename V::F x = V::load(s + j);
     mx = V::select(x > mx, x, mx);
+    nan |= x != x;
   }
   float m_new = m;
-  for (int64_t i = 0; i < kLanes; ++i) m_new = std::max(m_new, mx[i]);
+  for (int64_t i = 0; i < kLanes; ++i) m_new = nan[i] ? __builtin_nanf("") : std::max(m_new, mx[i]);
   if (m_new == kNegInf) {  // nothing visible yet: weight 0 everywhere, the row keeps its state
     std::fill(s, s + kTileKeys, 0.0f);
     return 1.0f;
@@ -220,7 +224,7 @@ E2K_INLINE void attend_group(const Problem& P, int64_t b, int64_t kvh, Scratch& 
   }
 
   for (int64_t r = 0; r < R; ++r) {
-    const float inv = l[r] > 0.0f ? 1.0f / l[r] : 0.0f;  // a row that saw no key outputs zeros
+    const float inv = l[r] != 0.0f ? 1.0f / l[r] : 0.0f;  // a row that saw no key outputs zeros; NaN stays NaN
     for (int64_t c = 0; c < d; ++c) store_float(P.out, DT, row0 + r * d + c, o[r * dim + c] * inv);
   }
 }

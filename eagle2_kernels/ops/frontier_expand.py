@@ -53,9 +53,7 @@ def frontier_expand(
         for o, r in zip(out, reference.frontier_expand(logits, parent_scores, k)):
             o.copy_(r)
     elif name == "triton":
-        from ..triton.frontier_expand import frontier_expand_triton
-
-        frontier_expand_triton(logits, parent_scores, k, out)
+        _backend.call_triton("frontier_expand", logits, logits, parent_scores, k, out)
     else:
         _backend.call_native(
             name, "frontier_expand", logits,

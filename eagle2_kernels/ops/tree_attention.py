@@ -60,9 +60,7 @@ def tree_attention(
     if name == "reference":
         out.copy_(reference.tree_attention(q, k_cache, v_cache, tree_mask_bits, prefix_len, scale))
     elif name == "triton":
-        from ..triton.tree_attention import tree_attention_triton
-
-        tree_attention_triton(q, k_cache, v_cache, tree_mask_bits, prefix_len, scale, out)
+        _backend.call_triton("tree_attention", q, q, k_cache, v_cache, tree_mask_bits, prefix_len, scale, out)
     else:
         _backend.call_native(
             name, "tree_attention", q,

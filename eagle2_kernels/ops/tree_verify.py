@@ -82,9 +82,8 @@ def tree_verify(
         for o, r in zip(out, res):
             o.copy_(r)
     elif name == "triton":
-        from ..triton.tree_verify import tree_verify_triton
-
-        tree_verify_triton(tokens, parents, target_logits, temperature, top_p, top_k, uniforms, out)
+        _backend.call_triton("tree_verify", tokens, tokens, parents, target_logits, temperature, top_p, top_k,
+                             uniforms, out)
     else:
         # Sampling keeps each row's residual distribution in a [B, V] float32 workspace.
         workspace = torch.empty((B, V) if sampling else (1,), dtype=torch.float32, device=dev)

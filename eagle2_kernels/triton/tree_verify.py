@@ -188,6 +188,9 @@ def _keep_normalized(w, V, t, cut, mx, EXP: tl.constexpr, BLOCK: tl.constexpr):
         offs = start + tl.arange(0, BLOCK)
         valid = offs < V
         x = tl.load(w + offs, mask=valid, other=float("-inf"))
+        # With BLOCK < 32 * num_warps several threads hold each element: all must have read it
+        # before any writes it back (in place, exponentiated).
+        tl.debug_barrier()
         kept = _keep(_order_key(x).to(tl.int64), offs, t, cut) & valid
         if EXP:
             x = tl.exp(x - mx)
@@ -204,7 +207,9 @@ def _normalize(w, V, norm, BLOCK: tl.constexpr):
     for start in range(0, V, BLOCK):
         offs = start + tl.arange(0, BLOCK)
         valid = offs < V
-        tl.store(w + offs, tl.math.div_rn(tl.load(w + offs, mask=valid, other=0.0), norm), mask=valid)
+        x = tl.load(w + offs, mask=valid, other=0.0)
+        tl.debug_barrier()  # in place: every thread holding an element has read it (_keep_normalized)
+        tl.store(w + offs, tl.math.div_rn(x, norm), mask=valid)
     tl.debug_barrier()
 
 
@@ -227,7 +232,9 @@ def _sample_from(w, V, total, u, BLOCK: tl.constexpr):
     return tl.where(found < _INT32_MAX, found, tl.maximum(last, 0))
 
 
-@triton.jit
+# m and L are often 1 (a one-node tree, max_depth 0): Triton would make them constants and, with
+# the walk loop provably dead, Triton 3.6 fails to compile (PassManager::run failed).
+@triton.jit(do_not_specialize=["m", "L"])
 def _tree_verify_kernel(
     tokens, parents, logits, uniforms, work, accepted, accept_len, bonus,
     m, V, L, temperature, top_p, top_k,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
@@ -175,3 +176,28 @@ def test_bad_out_raises():
         ek.frontier_expand(logits, parents, 2, out=bad)
     with pytest.raises(ValueError, match="out.child_scores: expected dtype"):
         ek.frontier_expand(logits, parents, 2, out=good._replace(child_scores=good.child_scores.double()))
+
+
+def test_triton_launches_on_the_tensors_device(monkeypatch):
+    """Triton launches on the current CUDA device: the dispatcher makes the tensors' device
+    current around the launch (a cuda:1 tensor must not run on cuda:0)."""
+    import eagle2_kernels.triton.frontier_expand as launcher
+    from eagle2_kernels import _backend
+
+    events = []
+
+    class Device:  # stands in for torch.cuda.device
+        def __init__(self, device):
+            self.device = device
+
+        def __enter__(self):
+            events.append(("enter", self.device))
+
+        def __exit__(self, *exc):
+            events.append(("exit", self.device))
+
+    monkeypatch.setattr(torch.cuda, "device", Device)
+    monkeypatch.setattr(launcher, "frontier_expand_triton", lambda *args: events.append(("launch", args)))
+    like = types.SimpleNamespace(is_cuda=True, device=torch.device("cuda", 1))
+    _backend.call_triton("frontier_expand", like, "a", "b")
+    assert events == [("enter", like.device), ("launch", ("a", "b")), ("exit", like.device)]

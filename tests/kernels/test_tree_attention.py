@@ -132,6 +132,42 @@ def test_single_visible_key_bit31(backend):
     assert torch.all(out[0, :, 3:] == 0)
 
 
+@pytest.mark.filterwarnings("ignore:All-NaN slice")  # the Triton interpreter's max over NaN rows
+@pytest.mark.parametrize("backend", ["reference", *BACKENDS])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_nan_propagates_from_what_a_query_sees(backend, dtype):
+    """NaN in a query, or in the key of a key it sees, makes its output NaN; NaN in a value column
+    of a key it sees makes that output column NaN; keys past the row's tree region never matter,
+    whatever they hold. Many prefix keys, so the CUDA kernel splits them over blocks and merges."""
+    dev = device_of(backend)
+    g = torch.Generator().manual_seed(4)
+    B, Hkv, group, n, d, P = 2, 2, 2, 3, 16, 700
+    S = P + 32 + 8  # 8 slots past the tree region's 32 keys
+    q = torch.randn(B, Hkv * group, n, d, generator=g)
+    k, v = torch.randn(B, Hkv, S, d, generator=g), torch.randn(B, Hkv, S, d, generator=g)
+    visible = torch.zeros(B, n, 32, dtype=torch.bool)
+    visible[:, :, 0] = True  # every query sees tree key 0 ...
+    visible[:, 2, 1] = True  # ... and query 2 also tree key 1
+    bits = ek.pack_mask_bits(visible)
+    prefix_len = torch.tensor([P, 40], dtype=torch.int32)
+    q[0, 1, 0, 3] = float("nan")  # row 0, head 1, query 0
+    k[1, 0, 10] = float("nan")  # row 1, KV head 0 (heads 0-1): a prefix key, seen by every query
+    v[0, 1, 100, 5] = float("nan")  # row 0, KV head 1 (heads 2-3): a prefix key, value column 5
+    k[0, :, P + 32:] = float("nan")  # past each row's tree region: never read
+    v[0, :, P + 32:] = float("nan")
+    k[1, :, 40 + 32:] = float("nan")
+    v[1, :, 40 + 32:] = float("nan")
+    args = [t.to(dtype) for t in (q, k, v)] + [bits, prefix_len]
+    out = ek.tree_attention(*(t.to(dev) for t in args), backend=backend).cpu().float()
+    want = torch.zeros(B, Hkv * group, n, d, dtype=torch.bool)
+    want[0, 1, 0] = True
+    want[1, 0:2] = True
+    want[0, 2:4, :, 5] = True
+    assert torch.equal(out.isnan(), want), torch.nonzero(out.isnan() != want)[:8].tolist()
+    ref = reference.tree_attention(*args, d**-0.5).float()
+    torch.testing.assert_close(out, ref, equal_nan=True, **TOL[dtype])
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_out_preallocated(backend):
     dev = device_of(backend)
