@@ -74,6 +74,15 @@ def run(args: argparse.Namespace) -> int:
         cases += mod.cases(device, args.quick)
 
     rows = []
+
+    def save() -> None:  # after every case, so a run cut short by a timeout keeps what it measured
+        if args.json:
+            out = Path(args.json)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            tmp = out.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"header": header, "rows": rows, "problems": problems}, indent=1) + "\n")
+            tmp.replace(out)
+
     fmt = "{:<16} {:<34} {:<10} {:>11} {:>9} {:>9} {:>7}"
     print(fmt.format("op", "shape", "impl", "median ms", "speedup", "GB/s", "% copy"))
     for case in cases:
@@ -96,13 +105,13 @@ def run(args: argparse.Namespace) -> int:
             rows.append(row)
             print(fmt.format(case.op, case.shape, impl, f"{ms:.4f}",
                              "" if row["speedup"] is None else f"{row['speedup']:.2f}x",
-                             "" if gbs is None else f"{gbs:.1f}" if gbs >= 1 else f"{gbs:.3f}", "" if pct is None else f"{pct:.0f}%"))
+                             "" if gbs is None else f"{gbs:.1f}" if gbs >= 1 else f"{gbs:.3f}", "" if pct is None else f"{pct:.0f}%"),
+                  flush=True)
+        save()
 
+    save()
     if args.json:
-        out = Path(args.json)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"header": header, "rows": rows, "problems": problems}, indent=1) + "\n")
-        print(f"wrote {out}")
+        print(f"wrote {args.json}")
     for p in problems:
         print(p, file=sys.stderr)
     return 1 if problems else 0

@@ -27,8 +27,10 @@
 #include <mma.h>
 
 #include <algorithm>
+#include <mutex>
 #include <stdexcept>
 #include <string>
+#include <unordered_map>
 
 #include "eagle2_kernels/ops.h"
 #include "tree_attention.h"
@@ -372,14 +374,53 @@ struct AsyncBuffer {
   }
 };
 
+// What a launch needs to know of the device and of the split kernel, queried once per device
+// (and shared-memory size): this launcher runs for every layer of every decode step, and each
+// query is a driver call. The kernel's shared-memory opt-in is set once, to the device's limit.
+struct DeviceFacts {
+  int sms = 0, max_smem = 0;
+  std::unordered_map<int, int> blocks_per_sm;  // dynamic shared-memory bytes -> occupancy
+};
+
+// Returns the split kernel's blocks per SM at `smem` bytes of dynamic shared memory (0 for smem 0).
+template <typename T>
+int blocks_per_sm(int dev, int smem, int* sms, int* max_smem) {
+  static std::mutex mu;
+  static std::unordered_map<int, DeviceFacts> devices;
+  std::lock_guard<std::mutex> lock(mu);
+  auto [it, first] = devices.try_emplace(dev);
+  DeviceFacts& f = it->second;
+  if (first) {
+    try {
+      check(cudaDeviceGetAttribute(&f.sms, cudaDevAttrMultiProcessorCount, dev), "SM count");
+      check(cudaDeviceGetAttribute(&f.max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev), "shared memory limit");
+      check(cudaFuncSetAttribute(tree_attention_split_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                 f.max_smem), "shared memory opt-in");
+    } catch (...) {
+      devices.erase(it);  // a failed query is not cached
+      throw;
+    }
+  }
+  *sms = f.sms;
+  *max_smem = f.max_smem;
+  if (smem <= 0 || smem > f.max_smem) return 0;  // the device facts only; a too-large smem: the caller reports it
+  auto occ = f.blocks_per_sm.find(smem);
+  if (occ == f.blocks_per_sm.end()) {
+    int per_sm = 0;
+    check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, tree_attention_split_kernel<T>, kThreads, smem),
+          "occupancy");
+    occ = f.blocks_per_sm.emplace(smem, per_sm).first;
+  }
+  return occ->second;
+}
+
 template <typename T>
 void launch(const void* q, const void* k_cache, const void* v_cache, const int32_t* bits, const int32_t* prefix_len,
             int64_t B, int64_t Hq, int64_t Hkv, int64_t n, int64_t S, int64_t d, int64_t W, float scale, void* out,
             cudaStream_t stream) {
   int dev = 0, sms = 0, max_smem = 0;
   check(cudaGetDevice(&dev), "cudaGetDevice");
-  check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev), "SM count");
-  check(cudaDeviceGetAttribute(&max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev), "shared memory limit");
+  blocks_per_sm<T>(dev, 0, &sms, &max_smem);
 
   Args A{};
   A.bits = bits;
@@ -405,9 +446,7 @@ void launch(const void* q, const void* k_cache, const void* v_cache, const int32
   A.row_tiles = (R + A.rows - 1) / A.rows;
 
   auto split_kernel = tree_attention_split_kernel<T>;
-  check(cudaFuncSetAttribute(split_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem), "shared memory opt-in");
-  int per_sm = 0;
-  check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, split_kernel, kThreads, smem), "occupancy");
+  const int per_sm = blocks_per_sm<T>(dev, smem, &sms, &max_smem);
   // Enough splits to fill every SM slot once, but none shorter than kMinSplitKeys of the cache.
   const int64_t blocks = B * Hkv * A.row_tiles;
   const int64_t want = (int64_t(std::max(per_sm, 1)) * sms + blocks - 1) / blocks;
