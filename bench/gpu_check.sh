@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Everything that needs a GPU, in one run that fits a short lease (about 6 minutes; the lease is
 # 15 minutes in all and a start costs a few): build for the card, the kernel and build tests with
-# the CUDA backend, then with Triton (separate, timed pytest runs), bounded kernel benchmarks; a
-# one-screen summary last.
+# the CUDA backend, then with Triton (separate, timed pytest runs), a draft + verify step of the
+# five ops captured in a CUDA graph (bench/gpu_capture.py), bounded kernel benchmarks; a one-screen
+# summary last.
 #
 #   bash bench/gpu_check.sh            on a CUDA machine; no network needed (PIP_NO_INDEX, HF_HUB_OFFLINE)
 #   bash bench/gpu_check.sh --dry-run  on a CPU: the paths, the imports, the test selection and the
@@ -13,7 +14,7 @@
 # log.txt (all output, written as it comes), tests-cuda.xml / tests-triton.xml (junit),
 # bench.json (rewritten after every benchmark row), summary.txt.
 # Time limits per step (seconds): BUILD_TIMEOUT 180, CUDA_TIMEOUT 120, TRITON_TIMEOUT 150,
-# BENCH_TIMEOUT 90; BENCH_ITERS 20. Exit status: non-zero if any step failed.
+# CAPTURE_TIMEOUT 60, BENCH_TIMEOUT 90; BENCH_ITERS 20. Exit status: non-zero if any step failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DRY=0
@@ -88,7 +89,7 @@ PYTEST=($PY -P -m pytest -rfE --tb=short -p no:cacheprovider "${TESTS[@]}")
 failed=0
 if [ $DRY = 1 ]; then
   section "files and imports"
-  for f in bench/kernels.py bench/triton_aot.py tests/kernels/kernel_helpers.py tests/test_build.py setup.py; do
+  for f in bench/kernels.py bench/gpu_capture.py bench/triton_aot.py tests/kernels/kernel_helpers.py tests/test_build.py setup.py; do
     [ -f "$f" ] || { echo "missing: $f"; failed=1; }
   done
   for mod in torch pytest hypothesis scipy triton eagle2_kernels; do
@@ -105,6 +106,7 @@ if [ $DRY = 1 ]; then
     [ "$n" -gt 0 ] || failed=1
     record "select -k $backend" "$([ "$n" -gt 0 ] && echo ok || echo 'FAILED (none)')" 0 "$n tests"
   done
+  run "CUDA graph capture script (cpu, eager)" 120 $PY bench/gpu_capture.py --dry-run || failed=1
   run "benchmark script (cpu, --quick)" 300 $PY bench/kernels.py --device cpu --quick --iters 1 --json "$R/bench.json" \
     || failed=1
 else
@@ -117,6 +119,7 @@ else
     run "tests: triton" "${TRITON_TIMEOUT:-150}" "${PYTEST[@]}" "${XDIST[@]}" -k triton --junitxml="$R/tests-triton.xml" \
       || failed=1
     steps[-1]+="$(junit "$R/tests-triton.xml")"
+    run "CUDA graph capture" "${CAPTURE_TIMEOUT:-60}" $PY bench/gpu_capture.py || failed=1
     run benchmarks "${BENCH_TIMEOUT:-90}" $PY bench/kernels.py --device cuda --iters "${BENCH_ITERS:-20}" --json "$R/bench.json" \
       || failed=1
   fi

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .. import _backend, _validate as check, reference
@@ -48,17 +50,33 @@ def frontier_expand(
     out = check.outputs(out, FrontierExpansion, like)
 
     backend = check.f64_backend("logits", logits, backend)
-    name = _backend.resolve("frontier_expand", dev, backend)
-    if name == "reference":
-        for o, r in zip(out, reference.frontier_expand(logits, parent_scores, k)):
-            o.copy_(r)
-    elif name == "triton":
-        _backend.call_triton("frontier_expand", logits, logits, parent_scores, k, out)
-    else:
-        _backend.call_native(
-            name, "frontier_expand", logits,
-            logits.data_ptr(), DTYPE_CODE[logits.dtype], parent_scores.data_ptr(), B, K, V, k,
-            out.child_tokens.data_ptr(), out.child_scores.data_ptr(),
-            out.frontier_index.data_ptr(), out.frontier_scores.data_ptr(),
-        )
+    _frontier_expand(logits, parent_scores, k, backend, *out)
     return out
+
+
+@_backend.custom_op("frontier_expand", ("child_tokens", "child_scores", "frontier_index", "frontier_scores"))
+def _frontier_expand(logits: torch.Tensor, parent_scores: torch.Tensor, k: int, backend: str | None,
+                     child_tokens: torch.Tensor, child_scores: torch.Tensor, frontier_index: torch.Tensor,
+                     frontier_scores: torch.Tensor) -> None:
+    """torch.ops.eagle2_kernels.frontier_expand: `frontier_expand` on validated inputs, into its outputs."""
+    out = FrontierExpansion(child_tokens, child_scores, frontier_index, frontier_scores)
+    _backend.dispatch("frontier_expand", logits.device, backend)(logits, parent_scores, k, out)
+
+
+def _reference(logits, parent_scores, k, out) -> None:
+    for o, r in zip(out, reference.frontier_expand(logits, parent_scores, k)):
+        o.copy_(r)
+
+
+def _native(backend, logits, parent_scores, k, out) -> None:
+    B, K, V = logits.shape
+    _backend.call_native(
+        backend, "frontier_expand", logits,
+        logits.data_ptr(), DTYPE_CODE[logits.dtype], parent_scores.data_ptr(), B, K, V, k,
+        *(t.data_ptr() for t in out),
+    )
+
+
+_backend.implements("frontier_expand", reference=_reference, cpu=functools.partial(_native, "cpu"),
+                    cuda=functools.partial(_native, "cuda"),
+                    triton=lambda logits, *args: _backend.call_triton("frontier_expand", logits, logits, *args))

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .. import _backend, _validate as check, reference
@@ -30,25 +32,35 @@ def kv_compact(
     check.tensor("cache", cache)
     if cache.dim() not in (4, 5):
         check.fail("cache", "4 dims [B, H, S, d] or 5 dims [N, B, H, S, d]", f"{cache.dim()} dims {tuple(cache.shape)}")
-    N = 1 if cache.dim() == 4 else cache.shape[0]
-    B, H, S, d = cache.shape[-4:]
+    B = cache.shape[-4]
     dev = cache.device
     check.tensor("prefix_len", prefix_len, dtypes=check.INDEX, shape=(B,), device=dev)
     check.tensor("accepted", accepted, dtypes=check.INDEX, shape=(B, None), device=dev)
-    L = accepted.shape[1]
     check.tensor("accept_len", accept_len, dtypes=check.INDEX, shape=(B,), device=dev)
-    if dev.type == "cpu":
-        _check_data(S, prefix_len, accepted, accept_len)
+    _kv_compact(cache, prefix_len, accepted, accept_len, backend)
 
-    name = _backend.resolve("kv_compact", dev, backend)
-    if name == "reference":
-        reference.kv_compact(cache, prefix_len, accepted, accept_len)
-    else:
-        _backend.call_native(
-            name, "kv_compact", cache,
-            cache.data_ptr(), cache.element_size(), N, B, H, S, d,
-            prefix_len.data_ptr(), accepted.data_ptr(), L, accept_len.data_ptr(),
-        )
+
+@_backend.custom_op("kv_compact", ("cache",))
+def _kv_compact(cache: torch.Tensor, prefix_len: torch.Tensor, accepted: torch.Tensor, accept_len: torch.Tensor,
+                backend: str | None) -> None:
+    """torch.ops.eagle2_kernels.kv_compact: `kv_compact` on validated inputs, in place."""
+    if cache.device.type == "cpu":
+        _check_data(cache.shape[-2], prefix_len, accepted, accept_len)
+    _backend.dispatch("kv_compact", cache.device, backend)(cache, prefix_len, accepted, accept_len)
+
+
+def _native(backend, cache, prefix_len, accepted, accept_len) -> None:
+    N = 1 if cache.dim() == 4 else cache.shape[0]
+    B, H, S, d = cache.shape[-4:]
+    _backend.call_native(
+        backend, "kv_compact", cache,
+        cache.data_ptr(), cache.element_size(), N, B, H, S, d,
+        prefix_len.data_ptr(), accepted.data_ptr(), accepted.shape[1], accept_len.data_ptr(),
+    )
+
+
+_backend.implements("kv_compact", reference=reference.kv_compact, cpu=functools.partial(_native, "cpu"),
+                    cuda=functools.partial(_native, "cuda"))
 
 
 def _check_data(S, prefix_len, accepted, accept_len) -> None:

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .. import _backend, _validate as check, reference
@@ -51,13 +53,6 @@ def rerank(
         check.fail("cand_scores", "B >= 1", tuple(cand_scores.shape))
     check.integer("m", m, 1, N + 1)
     L = (m - 1 if max_depth is None else check.integer("max_depth", max_depth, 0)) + 1
-    if dev.type == "cpu" and N:  # data checks cost a host sync on a GPU; the kernels stay in bounds anyway
-        idx = torch.arange(N, dtype=torch.int32)
-        bad = (cand_parents < -1) | (cand_parents >= idx)
-        if bool(bad.any()):
-            b, i = (int(v) for v in bad.nonzero()[0])
-            check.fail("cand_parents", f"-1 <= cand_parents[{b}, {i}] < {i} (parents precede children)",
-                       int(cand_parents[b, i]))
     W = (m + 31) // 32
     like = {
         "tokens": ((B, m), torch.int32, dev),
@@ -69,19 +64,47 @@ def rerank(
         "num_leaves": ((B,), torch.int32, dev),
     }
     out = check.outputs(out, Tree, like)
-
-    name = _backend.resolve("rerank", dev, backend)
-    if name == "reference":
-        for o, r in zip(out, reference.rerank(cand_scores, cand_parents, cand_tokens, root_tokens, prefix_len, m, L - 1)):
-            o.copy_(r)
-        return out
-    _backend.call_native(
-        name, "rerank", cand_scores,
-        cand_scores.data_ptr(), cand_parents.data_ptr(), cand_tokens.data_ptr(),
-        root_tokens.data_ptr(), prefix_len.data_ptr(), B, N, m, L,
-        out.tokens.data_ptr(), out.parents.data_ptr(), out.depth.data_ptr(), out.positions.data_ptr(),
-        out.mask_bits.data_ptr(), out.paths.data_ptr(), out.num_leaves.data_ptr(),
-    )
-    if dev.type == "cpu" and int(out.depth.max()) > L - 1:
-        check.fail("max_depth", f">= {int(out.depth.max())} (the deepest kept node)", L - 1)
+    _rerank(cand_scores, cand_parents, cand_tokens, root_tokens, prefix_len, m, backend, *out)
     return out
+
+
+@_backend.custom_op("rerank", Tree._fields)
+def _rerank(cand_scores: torch.Tensor, cand_parents: torch.Tensor, cand_tokens: torch.Tensor, root_tokens: torch.Tensor,
+            prefix_len: torch.Tensor, m: int, backend: str | None, tokens: torch.Tensor, parents: torch.Tensor,
+            depth: torch.Tensor, positions: torch.Tensor, mask_bits: torch.Tensor, paths: torch.Tensor,
+            num_leaves: torch.Tensor) -> None:
+    """torch.ops.eagle2_kernels.rerank: `rerank` on validated inputs, into its outputs."""
+    B, N = cand_scores.shape
+    L = paths.shape[2]
+    dev = cand_scores.device
+    if dev.type == "cpu" and N:  # data checks cost a host sync on a GPU; the kernels stay in bounds anyway
+        idx = torch.arange(N, dtype=torch.int32)
+        bad = (cand_parents < -1) | (cand_parents >= idx)
+        if bool(bad.any()):
+            b, i = (int(v) for v in bad.nonzero()[0])
+            check.fail("cand_parents", f"-1 <= cand_parents[{b}, {i}] < {i} (parents precede children)",
+                       int(cand_parents[b, i]))
+    out = Tree(tokens, parents, depth, positions, mask_bits, paths, num_leaves)
+    _backend.dispatch("rerank", dev, backend)(cand_scores, cand_parents, cand_tokens, root_tokens, prefix_len, m, out)
+    if dev.type == "cpu" and int(depth.max()) > L - 1:
+        check.fail("max_depth", f">= {int(depth.max())} (the deepest kept node)", L - 1)
+
+
+def _reference(cand_scores, cand_parents, cand_tokens, root_tokens, prefix_len, m, out) -> None:
+    L = out.paths.shape[2]
+    for o, r in zip(out, reference.rerank(cand_scores, cand_parents, cand_tokens, root_tokens, prefix_len, m, L - 1)):
+        o.copy_(r)
+
+
+def _native(backend, cand_scores, cand_parents, cand_tokens, root_tokens, prefix_len, m, out) -> None:
+    B, N = cand_scores.shape
+    _backend.call_native(
+        backend, "rerank", cand_scores,
+        cand_scores.data_ptr(), cand_parents.data_ptr(), cand_tokens.data_ptr(),
+        root_tokens.data_ptr(), prefix_len.data_ptr(), B, N, m, out.paths.shape[2],
+        *(t.data_ptr() for t in out),
+    )
+
+
+_backend.implements("rerank", reference=_reference, cpu=functools.partial(_native, "cpu"),
+                    cuda=functools.partial(_native, "cuda"))

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .. import _backend, _validate as check, reference
@@ -43,29 +45,43 @@ def tree_attention(
     if Hkv == 0 or Hq % Hkv:
         check.fail("k_cache", f"a KV head count dividing Hq = {Hq}", Hkv)
     check.tensor("tree_mask_bits", tree_mask_bits, dtypes=check.INDEX, shape=(B, n, None), device=dev)
-    W = tree_mask_bits.shape[2]
     check.tensor("prefix_len", prefix_len, dtypes=check.INDEX, shape=(B,), device=dev)
     if B == 0 or d == 0:
         check.fail("q", "B >= 1 and d >= 1", tuple(q.shape))
     scale = d**-0.5 if scale is None else check.real("scale", scale, 0.0, float("inf"), lo_open=True)
-    if dev.type == "cpu" and bool(((prefix_len < 0) | (prefix_len > S)).any()):
-        check.fail("prefix_len", f"values in [0, {S}] (the cache length)", prefix_len.tolist())
     if out is None:
         out = torch.empty_like(q)
     else:
         check.tensor("out", out, dtypes=(q.dtype,), shape=(B, Hq, n, d), device=dev)
-
     backend = check.f64_backend("q", q, backend)
-    name = _backend.resolve("tree_attention", dev, backend)
-    if name == "reference":
-        out.copy_(reference.tree_attention(q, k_cache, v_cache, tree_mask_bits, prefix_len, scale))
-    elif name == "triton":
-        _backend.call_triton("tree_attention", q, q, k_cache, v_cache, tree_mask_bits, prefix_len, scale, out)
-    else:
-        _backend.call_native(
-            name, "tree_attention", q,
-            q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), DTYPE_CODE[q.dtype],
-            tree_mask_bits.data_ptr(), prefix_len.data_ptr(), B, Hq, Hkv, n, S, d, W, scale,
-            out.data_ptr(),
-        )
+    _tree_attention(q, k_cache, v_cache, tree_mask_bits, prefix_len, scale, backend, out)
     return out
+
+
+@_backend.custom_op("tree_attention", ("out",))
+def _tree_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tree_mask_bits: torch.Tensor,
+                    prefix_len: torch.Tensor, scale: float, backend: str | None, out: torch.Tensor) -> None:
+    """torch.ops.eagle2_kernels.tree_attention: `tree_attention` on validated inputs, into out."""
+    S = k_cache.shape[2]
+    if q.device.type == "cpu" and bool(((prefix_len < 0) | (prefix_len > S)).any()):
+        check.fail("prefix_len", f"values in [0, {S}] (the cache length)", prefix_len.tolist())
+    _backend.dispatch("tree_attention", q.device, backend)(q, k_cache, v_cache, tree_mask_bits, prefix_len, scale, out)
+
+
+def _reference(q, k_cache, v_cache, tree_mask_bits, prefix_len, scale, out) -> None:
+    out.copy_(reference.tree_attention(q, k_cache, v_cache, tree_mask_bits, prefix_len, scale))
+
+
+def _native(backend, q, k_cache, v_cache, tree_mask_bits, prefix_len, scale, out) -> None:
+    B, Hq, n, d = q.shape
+    Hkv, S, W = k_cache.shape[1], k_cache.shape[2], tree_mask_bits.shape[2]
+    _backend.call_native(
+        backend, "tree_attention", q,
+        q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), DTYPE_CODE[q.dtype],
+        tree_mask_bits.data_ptr(), prefix_len.data_ptr(), B, Hq, Hkv, n, S, d, W, scale, out.data_ptr(),
+    )
+
+
+_backend.implements("tree_attention", reference=_reference, cpu=functools.partial(_native, "cpu"),
+                    cuda=functools.partial(_native, "cuda"),
+                    triton=lambda q, *args: _backend.call_triton("tree_attention", q, q, *args))

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .. import _backend, _validate as check, reference
@@ -56,13 +58,6 @@ def tree_verify(
     top_p = check.real("top_p", top_p, 0.0, 1.0, lo_open=True)
     top_k = check.integer("top_k", top_k, 0)
     L = (m - 1 if max_depth is None else check.integer("max_depth", max_depth, 0)) + 1
-    if dev.type == "cpu":
-        idx = torch.arange(m, dtype=torch.int32)
-        bad = ((parents < -1) | (parents >= idx))[:, 1:]
-        if bool(bad.any()) or bool((parents[:, 0] != -1).any()):
-            check.fail("parents", "parents[:, 0] == -1 and -1 <= parents[b, i] < i", parents.tolist())
-        if bool(((tokens < 0) | (tokens >= V)).any()):
-            check.fail("tokens", f"token ids in [0, {V})", tokens.tolist())
     sampling = temperature > 0.0
     if sampling:
         if uniforms is None:
@@ -74,23 +69,52 @@ def tree_verify(
         "bonus": ((B,), torch.int32, dev),
     }
     out = check.outputs(out, VerifyResult, like)
-
     backend = check.f64_backend("target_logits", target_logits, backend)
-    name = _backend.resolve("tree_verify", dev, backend)
-    if name == "reference":
-        res = reference.tree_verify(tokens, parents, target_logits, temperature, top_p, top_k, uniforms, L - 1)
-        for o, r in zip(out, res):
-            o.copy_(r)
-    elif name == "triton":
-        _backend.call_triton("tree_verify", tokens, tokens, parents, target_logits, temperature, top_p, top_k,
-                             uniforms, out)
-    else:
-        # Sampling keeps each row's residual distribution in a [B, V] float32 workspace.
-        workspace = torch.empty((B, V) if sampling else (1,), dtype=torch.float32, device=dev)
-        _backend.call_native(
-            name, "tree_verify", tokens,
-            tokens.data_ptr(), parents.data_ptr(), target_logits.data_ptr(), DTYPE_CODE[target_logits.dtype],
-            B, m, V, L, temperature, top_p, top_k, uniforms.data_ptr() if sampling else 0,
-            workspace.data_ptr(), out.accepted.data_ptr(), out.accept_len.data_ptr(), out.bonus.data_ptr(),
-        )
+    _tree_verify(tokens, parents, target_logits, temperature, top_p, top_k,
+                                         uniforms if sampling else None, backend, *out)
     return out
+
+
+@_backend.custom_op("tree_verify", VerifyResult._fields)
+def _tree_verify(tokens: torch.Tensor, parents: torch.Tensor, target_logits: torch.Tensor, temperature: float,
+                 top_p: float, top_k: int, uniforms: torch.Tensor | None, backend: str | None, accepted: torch.Tensor,
+                 accept_len: torch.Tensor, bonus: torch.Tensor) -> None:
+    """torch.ops.eagle2_kernels.tree_verify: `tree_verify` on validated inputs (uniforms given
+    exactly when sampling), into its outputs."""
+    B, m, V = target_logits.shape
+    dev = tokens.device
+    if dev.type == "cpu":
+        idx = torch.arange(m, dtype=torch.int32)
+        bad = ((parents < -1) | (parents >= idx))[:, 1:]
+        if bool(bad.any()) or bool((parents[:, 0] != -1).any()):
+            check.fail("parents", "parents[:, 0] == -1 and -1 <= parents[b, i] < i", parents.tolist())
+        if bool(((tokens < 0) | (tokens >= V)).any()):
+            check.fail("tokens", f"token ids in [0, {V})", tokens.tolist())
+    out = VerifyResult(accepted, accept_len, bonus)
+    _backend.dispatch("tree_verify", dev, backend)(tokens, parents, target_logits, temperature, top_p, top_k,
+                                                   uniforms, out)
+
+
+def _reference(tokens, parents, target_logits, temperature, top_p, top_k, uniforms, out) -> None:
+    L = out.accepted.shape[1]
+    res = reference.tree_verify(tokens, parents, target_logits, temperature, top_p, top_k, uniforms, L - 1)
+    for o, r in zip(out, res):
+        o.copy_(r)
+
+
+def _native(backend, tokens, parents, target_logits, temperature, top_p, top_k, uniforms, out) -> None:
+    B, m, V = target_logits.shape
+    sampling = uniforms is not None
+    # Sampling keeps each row's residual distribution in a [B, V] float32 workspace.
+    workspace = torch.empty((B, V) if sampling else (1,), dtype=torch.float32, device=tokens.device)
+    _backend.call_native(
+        backend, "tree_verify", tokens,
+        tokens.data_ptr(), parents.data_ptr(), target_logits.data_ptr(), DTYPE_CODE[target_logits.dtype],
+        B, m, V, out.accepted.shape[1], temperature, top_p, top_k, uniforms.data_ptr() if sampling else 0,
+        workspace.data_ptr(), *(t.data_ptr() for t in out),
+    )
+
+
+_backend.implements("tree_verify", reference=_reference, cpu=functools.partial(_native, "cpu"),
+                    cuda=functools.partial(_native, "cuda"),
+                    triton=lambda tokens, *args: _backend.call_triton("tree_verify", tokens, tokens, *args))

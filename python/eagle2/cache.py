@@ -93,8 +93,9 @@ class KVCache(Cache):
         _, B, H, S, d = self.data.shape
         q = key_states.shape[2]
         if layer_idx == 0 or self._slots is None or self._slots.shape[2] != q:
-            end = int(self.lengths.max()) + q
-            if end > S:
+            # The bound check reads the lengths on the host: eager calls only (a compiled step
+            # stays free of host syncs; the decode loop sizes its caches for the whole call).
+            if not torch.compiler.is_compiling() and int(self.lengths.max()) + q > S:
                 raise ValueError(f"KV cache: writing {q} tokens after {int(self.lengths.max())} overflows max_len = {S}")
             slots = self.lengths.long()[:, None] + torch.arange(q, device=self.data.device)  # [B, q]
             self._slots = slots[:, None, :, None].expand(B, H, q, d)

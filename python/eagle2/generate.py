@@ -168,7 +168,7 @@ def prefill(dec: Decoder, prompts: list[list[int]], seed: int | None) -> Batch:
     tcache.extend(lens)
     last = (lens - 1)[:, None]
     logits = model.get_output_embeddings()(feats.gather(1, last[..., None].expand(B, 1, feats.shape[-1])))
-    first = _accept(dec, root_only(ids.gather(1, last)[:, 0], lens - 1), logits, gen).bonus
+    first = _accept(dec.sampling, root_only(ids.gather(1, last)[:, 0], lens - 1), logits, gen).bonus
     batch = Batch(list(range(B)), lens, lens + 1, first.int(), tcache, None, None,
                   [RowResult(target_forwards=1) for _ in range(B)], gen, start)
     if head is not None:
@@ -202,15 +202,9 @@ def speculate(dec: Decoder, batch: Batch) -> tuple[Tree, Candidates | None]:
 
 
 def verify(dec: Decoder, batch: Batch, tree: Tree) -> None:
-    """One target forward over the tree, acceptance, the target cache compacted to the accepted
-    path, and the accepted tokens + bonus committed."""
+    """verify_tree, then the accepted tokens + bonus committed."""
     prefix = batch.tcache.lengths.clone()
-    feats = target_forward(dec.model, tree.tokens, tree.positions, batch.tcache, tree.mask_bits, prefix)  # [B, m, h]
-    res = _accept(dec, tree, dec.model.get_output_embeddings()(feats), batch.gen)
-    if tree.tokens.shape[1] > 1:
-        batch.tcache.compact(res.accepted, res.accept_len)
-    else:
-        batch.tcache.extend(res.accept_len)
+    feats, res = verify_tree(dec.model, tree, batch.tcache, prefix, dec.sampling, batch.gen)
     a = res.accept_len.long()
     A = int(a.max())
     acc = res.accepted[:, :A].long().clamp(min=0)
@@ -225,6 +219,20 @@ def verify(dec: Decoder, batch: Batch, tree: Tree) -> None:
     _commit(dec, batch, new.tolist(), a.tolist())
 
 
+def verify_tree(model, tree: Tree, cache: KVCache, prefix: torch.Tensor, sampling: Sampling, gen=None):
+    """One target forward over the tree (tree attention on the cache after prefix [B]), the
+    acceptance walk, and the cache compacted to the accepted path. Returns the features
+    [B, m, h] and tree_verify's result. No host sync: torch.compile(fullgraph=True) traces it
+    (greedy; a torch.Generator for sampling is not traceable)."""
+    feats = target_forward(model, tree.tokens, tree.positions, cache, tree.mask_bits, prefix)
+    res = _accept(sampling, tree, model.get_output_embeddings()(feats), gen)
+    if tree.tokens.shape[1] > 1:
+        cache.compact(res.accepted, res.accept_len)
+    else:
+        cache.extend(res.accept_len)
+    return feats, res
+
+
 def _draft_catch_up(head, cache, feats, tokens, first_pos, count) -> torch.Tensor:
     """Feed the draft count[b] new (feature, next token) pairs per row, at positions first_pos[b]
     onwards; return its predicted feature at each row's last pair (the root) [B, h]."""
@@ -235,8 +243,8 @@ def _draft_catch_up(head, cache, feats, tokens, first_pos, count) -> torch.Tenso
     return hidden.gather(1, (count - 1)[:, None, None].expand(B, 1, h))[:, 0]
 
 
-def _accept(dec: Decoder, tree: Tree, logits: torch.Tensor, gen: torch.Generator):
-    s = dec.sampling
+def _accept(sampling: Sampling, tree: Tree, logits: torch.Tensor, gen):
+    s = sampling
     return eagle2_kernels.tree_verify(tree.tokens, tree.parents, logits, temperature=s.temperature, top_p=s.top_p,
                                       top_k=s.top_k, generator=gen, max_depth=tree.paths.shape[-1] - 1)
 
