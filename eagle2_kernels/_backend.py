@@ -15,18 +15,24 @@ import functools
 import importlib
 import os
 import platform
+from typing import Callable
 
 import torch
 
 NAMES = ("reference", "cpu", "cuda", "triton")
-# The implementations of each public op: dispatch and the tests both read this table.
-IMPLEMENTATIONS = {
-    "frontier_expand": ("reference", "cpu", "cuda", "triton"),
-    "rerank": ("reference", "cpu", "cuda"),
-    "tree_attention": ("reference", "cpu", "cuda", "triton"),
-    "tree_verify": ("reference", "cpu", "cuda", "triton"),
-    "kv_compact": ("reference", "cpu", "cuda"),
+# Each public op's implementations, backend -> callable, filled by the op modules (ops/*.py) with
+# `implements`; dispatch and the tests both read it. Pipeline order.
+IMPLEMENTATIONS: dict[str, dict[str, Callable]] = {
+    op: {} for op in ("frontier_expand", "rerank", "tree_attention", "tree_verify", "kv_compact", "skinny_linear")
 }
+
+
+def implements(op: str, **by_backend: Callable) -> None:
+    """Record `op`'s implementations (reference=..., cpu=..., cuda=..., triton=...)."""
+    unknown = set(by_backend) - set(NAMES)
+    if unknown:
+        raise ValueError(f"backend: {op} names unknown backends {sorted(unknown)}")
+    IMPLEMENTATIONS[op].update(by_backend)
 
 
 @functools.cache
@@ -61,7 +67,12 @@ def _cuda_status() -> str | None:
 
 
 def backends() -> dict[str, str]:
-    """Each backend's status: 'available' or the reason it is not."""
+    """Each backend's status: 'available' or the reason it is not (found once per process)."""
+    return dict(_backends())
+
+
+@functools.cache
+def _backends() -> dict[str, str]:
     cpu_mod, cpu_why = _load("_C")
     status = {
         "reference": None,
@@ -97,14 +108,32 @@ def native(backend: str):
 
 
 def call_native(backend: str, op: str, like: torch.Tensor, *args) -> None:
-    """Run a native op on `like`'s device, appending that device's current stream handle
+    """Run a native op on `like`'s device, appending the most CPU threads it may use (torch's
+    own setting: the kernels share torch's OpenMP pool) and that device's current stream handle
     (0 for CPU), so kernels launch where the tensors live and stay stream-ordered."""
     fn = getattr(native(backend), op)
     if not like.is_cuda:
-        fn(*args, 0)
+        fn(*args, torch.get_num_threads(), 0)
         return
     with torch.cuda.device(like.device):
-        fn(*args, torch.cuda.current_stream(like.device).cuda_stream)
+        fn(*args, 0, torch.cuda.current_stream(like.device).cuda_stream)
+
+
+def custom_op(op: str, mutates: tuple[str, ...]):
+    """Register the decorated implementation as torch.ops.eagle2_kernels.<op>. It writes the
+    output tensors it is given (declared mutated, so torch.compile sees the writes) and returns
+    nothing, which is all its fake implementation has to say. Returns the function the public
+    op calls: the registered op while torch.compile traces, the implementation itself in eager
+    mode, where the dispatcher would add about 100 us a call on a CPU (same computation)."""
+    def register(impl):
+        registered = torch.library.custom_op(f"eagle2_kernels::{op}", impl, mutates_args=mutates)
+        registered.register_fake(lambda *args, **kwargs: None)
+
+        @functools.wraps(impl)
+        def call(*args) -> None:
+            (registered if torch.compiler.is_compiling() else impl)(*args)
+        return call
+    return register
 
 
 def call_triton(op: str, like: torch.Tensor, *args) -> None:
@@ -118,15 +147,20 @@ def call_triton(op: str, like: torch.Tensor, *args) -> None:
         fn(*args)
 
 
+def dispatch(op: str, device: torch.device, backend: str | None) -> Callable:
+    """The implementation of `op` that a call on `device` with `backend=` runs."""
+    return IMPLEMENTATIONS[op][resolve(op, device, backend)]
+
+
 def resolve(op: str, device: torch.device, backend: str | None) -> str:
     """Pick the backend for one call: the explicit override, else the fastest that runs here."""
-    supported = IMPLEMENTATIONS[op]
+    supported = tuple(IMPLEMENTATIONS[op])
     if backend is not None:
         if backend not in NAMES:
             raise ValueError(f"backend: expected one of {NAMES} or None, got {backend!r}")
         if backend not in supported:
             raise ValueError(f"backend: {op} has no {backend!r} implementation (it has {supported})")
-        why = backends()[backend]
+        why = _backends()[backend]
         if why != "available":
             raise RuntimeError(f"backend {backend!r} for {op} unavailable: {why}")
         if backend == "cpu" and device.type != "cpu":
@@ -136,7 +170,7 @@ def resolve(op: str, device: torch.device, backend: str | None) -> str:
         if backend == "triton" and device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
             raise ValueError("backend: 'triton' on CPU tensors needs TRITON_INTERPRET=1")
         return backend
-    status = backends()
+    status = _backends()
     order = ("cuda", "triton") if device.type == "cuda" else ("cpu",)
     for name in order:
         if name in supported and status[name] == "available":

@@ -420,3 +420,11 @@ def kv_compact(cache: torch.Tensor, prefix_len: torch.Tensor, accepted: torch.Te
         base = int(prefix_len[b])
         src = base + accepted[b, :n].long().to(c.device)
         c[:, b, :, base : base + n] = c[:, b, :, src]
+
+
+def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x weight^T + bias ([..., K] x [N, K] -> [..., N]) in float32 (float64 stays float64),
+    rounded once to x's dtype."""
+    dt = compute_dtype(x.dtype)
+    y = torch.nn.functional.linear(x.to(dt), weight.to(dt), None if bias is None else bias.to(dt))
+    return y.to(x.dtype)

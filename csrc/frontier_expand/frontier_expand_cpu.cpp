@@ -1,11 +1,10 @@
 // frontier_expand on the CPU: one pass over each frontier row's logits computes both its
 // log-sum-exp (online max + rescaled sum) and its top-k (a k-sized sorted list), then the next
-// frontier is the top-k of the row's K*k children. Rows are spread over std::threads when the
-// work is large enough to pay for starting them.
+// frontier is the top-k of the row's K*k children. Rows are spread over OpenMP threads (torch's
+// pool, at most the caller's count) when the work is large enough to pay for waking them.
 #include <algorithm>
 #include <stdexcept>
 #include <string>
-#include <thread>
 #include <vector>
 
 #include "eagle2_kernels/ops.h"
@@ -21,9 +20,9 @@ namespace {
 // compiler vectorises the max and the exp-sum (a float reduction is otherwise kept in order).
 constexpr int kChunk = 256;
 constexpr int kLanes = 8;
-// Below this many logits in total, starting threads costs more than it saves.
+// Below this many logits in total, waking threads costs more than it saves.
 constexpr int64_t kMinParallelWork = int64_t(1) << 16;
-// Logits per thread at least, so each thread's share dwarfs its start-up cost.
+// Logits per thread at least, so each thread's share dwarfs its wake-up cost.
 constexpr int64_t kMinWorkPerThread = int64_t(1) << 15;
 
 // Helpers for the chunk loops below. They avoid float compares on purpose: GCC (with its
@@ -110,43 +109,28 @@ void expand_rows(const void* logits, const float* parent_scores, int64_t V, int6
 
 template <int kDType>
 void expand_all_rows(const void* logits, const float* parent_scores, int64_t rows, int64_t V, int64_t k,
-                     int32_t* child_tokens, float* child_scores) {
+                     int32_t* child_tokens, float* child_scores, int64_t threads) {
   const int64_t work = rows * V;
-  int64_t threads = 1;
-  if (rows >= 2 && work >= kMinParallelWork) {
-    const int64_t hw = std::max<int64_t>(1, std::thread::hardware_concurrency());
-    threads = std::max<int64_t>(1, std::min({rows, hw, work / kMinWorkPerThread}));
-  }
-  if (threads == 1) {
-    expand_rows<kDType>(logits, parent_scores, V, k, 0, rows, child_tokens, child_scores);
-    return;
-  }
-  std::vector<std::thread> pool;
-  pool.reserve(threads - 1);
-  const int64_t per = (rows + threads - 1) / threads;
-  for (int64_t r0 = per; r0 < rows; r0 += per) {
-    pool.emplace_back(expand_rows<kDType>, logits, parent_scores, V, k, r0, std::min(rows, r0 + per),
-                      child_tokens, child_scores);
-  }
-  expand_rows<kDType>(logits, parent_scores, V, k, 0, std::min(rows, per), child_tokens, child_scores);
-  for (auto& t : pool) t.join();
+  const int64_t n = work < kMinParallelWork ? 1 : std::clamp<int64_t>(work / kMinWorkPerThread, 1, std::min(rows, threads));
+#pragma omp parallel for num_threads(int(n)) schedule(static) if (n > 1)
+  for (int64_t r = 0; r < rows; ++r) expand_rows<kDType>(logits, parent_scores, V, k, r, r + 1, child_tokens, child_scores);
 }
 
 }  // namespace
 
 void frontier_expand_cpu(const void* logits, int dtype, const float* parent_scores, int64_t B, int64_t K,
                          int64_t V, int64_t k, int32_t* child_tokens, float* child_scores,
-                         int32_t* frontier_index, float* frontier_scores) {
+                         int32_t* frontier_index, float* frontier_scores, int64_t threads) {
   fe::check_sizes("frontier_expand_cpu", B, K, V, k);
   switch (dtype) {
     case kFloat32:
-      expand_all_rows<kFloat32>(logits, parent_scores, B * K, V, k, child_tokens, child_scores);
+      expand_all_rows<kFloat32>(logits, parent_scores, B * K, V, k, child_tokens, child_scores, threads);
       break;
     case kFloat16:
-      expand_all_rows<kFloat16>(logits, parent_scores, B * K, V, k, child_tokens, child_scores);
+      expand_all_rows<kFloat16>(logits, parent_scores, B * K, V, k, child_tokens, child_scores, threads);
       break;
     case kBFloat16:
-      expand_all_rows<kBFloat16>(logits, parent_scores, B * K, V, k, child_tokens, child_scores);
+      expand_all_rows<kBFloat16>(logits, parent_scores, B * K, V, k, child_tokens, child_scores, threads);
       break;
     default:
       throw std::invalid_argument("frontier_expand_cpu: unknown dtype code " + std::to_string(dtype));

@@ -5,19 +5,18 @@
 // visible keys [0, key_end) are walked once in tiles of kTileKeys, so each K/V element is
 // converted to float32 and read once for the whole group instead of once per query head. Every
 // row keeps an online softmax (running max m, running sum l, unnormalised output o; float32).
-// Tasks run on std::threads taking (b, KV head) pairs from a shared counter, which balances
-// ragged prefix lengths.
+// Tasks are (b, KV head) pairs, spread dynamically over OpenMP threads (torch's pool, at most the
+// caller's count; one when the work is small), which balances ragged prefix lengths.
 //
 // The arithmetic is written with GCC/Clang vector types of kLanes floats: auto-vectorised loops
 // of the same maths spill their accumulators and run several times slower. The whole task body
 // is compiled for the baseline ISA (4 lanes: SSE2/NEON) and, on x86-64, also for AVX2+FMA
 // (8 lanes) and AVX-512 (16 lanes); the widest the CPU runs is picked at run time.
 #include <algorithm>
-#include <atomic>
 #include <cmath>
-#include <system_error>
-#include <thread>
 #include <vector>
+
+#include <omp.h>
 
 #include "eagle2_kernels/ops.h"
 #include "tree_attention.h"
@@ -40,7 +39,7 @@ constexpr int64_t kTileKeys = 64;
 // kTileKeys is, and the rows to a multiple of every block height (3, 6).
 constexpr int64_t kDimPad = 32;
 constexpr int64_t kRowPad = 6;
-// Below this many multiply-adds per thread, starting threads costs more than it saves.
+// Below this many multiply-adds per thread, waking threads costs more than it saves.
 constexpr int64_t kMinWorkPerThread = int64_t(1) << 21;
 
 constexpr int64_t round_up(int64_t x, int64_t to) { return (x + to - 1) / to * to; }
@@ -260,45 +259,34 @@ GroupFn pick_group_fn() {
 }
 
 template <int DT>
-void run(const Problem& P) {
+void run(const Problem& P, int64_t max_threads) {
   const GroupFn attend = pick_group_fn<DT>();
   const int64_t tasks = P.B * P.Hkv;
   int64_t work = 0;  // multiply-adds, to decide whether threads pay off
   for (int64_t b = 0; b < P.B; ++b) work += tree_keys(P.prefix_len[b], P.S, P.W).key_end;
   work *= 2 * P.Hq * P.n * P.d;
-  const int64_t hw = std::max<int64_t>(1, std::thread::hardware_concurrency());
-  const int64_t threads = std::clamp<int64_t>(work / kMinWorkPerThread, 1, std::min(hw, tasks));
-
-  std::vector<Scratch> scratch;
+  const int64_t threads = std::clamp<int64_t>(work / kMinWorkPerThread, 1, std::min(max_threads, tasks));
+  std::vector<Scratch> scratch;  // allocated here so bad_alloc reaches the caller
   scratch.reserve(threads);
   for (int64_t t = 0; t < threads; ++t) scratch.emplace_back(P);
-  std::atomic<int64_t> next{0};
-  auto worker = [&](int64_t t) {
-    for (int64_t task; (task = next.fetch_add(1)) < tasks;) attend(P, task / P.Hkv, task % P.Hkv, scratch[t]);
-  };
-  std::vector<std::thread> pool;
-  try {
-    for (int64_t t = 1; t < threads; ++t) pool.emplace_back(worker, t);
-  } catch (const std::system_error&) {
-    // No more threads to be had: the running ones (this one included) take the remaining tasks.
-  }
-  worker(0);
-  for (auto& th : pool) th.join();
+#pragma omp parallel for num_threads(int(threads)) schedule(dynamic, 1) if (threads > 1)
+  for (int64_t task = 0; task < tasks; ++task) attend(P, task / P.Hkv, task % P.Hkv, scratch[omp_get_thread_num()]);
 }
 
 }  // namespace
 
 void tree_attention_cpu(const void* q, const void* k_cache, const void* v_cache, int dtype,
                         const int32_t* tree_mask_bits, const int32_t* prefix_len, int64_t B, int64_t Hq,
-                        int64_t Hkv, int64_t n, int64_t S, int64_t d, int64_t W, float scale, void* out) {
+                        int64_t Hkv, int64_t n, int64_t S, int64_t d, int64_t W, float scale, void* out,
+                        int64_t threads) {
   if (B <= 0 || Hq <= 0 || Hkv <= 0 || n <= 0 || d <= 0) return;
   const Problem P{q, k_cache, v_cache, tree_mask_bits, prefix_len, B, Hq, Hkv, n, S, d, W, scale, out};
   if (dtype == kFloat32) {
-    run<kFloat32>(P);
+    run<kFloat32>(P, threads);
   } else if (dtype == kFloat16) {
-    run<kFloat16>(P);
+    run<kFloat16>(P, threads);
   } else {
-    run<kBFloat16>(P);
+    run<kBFloat16>(P, threads);
   }
 }
 

@@ -5,9 +5,10 @@
 #include <array>
 #include <cmath>
 #include <functional>
-#include <thread>
 #include <utility>
 #include <vector>
+
+#include <omp.h>
 
 #include "eagle2_kernels/ops.h"
 #include "tree_verify.h"
@@ -220,17 +221,19 @@ struct SamplingNode {
 void tree_verify_cpu(const int32_t* tokens, const int32_t* parents, const void* target_logits, int dtype,
                      int64_t B, int64_t m, int64_t V, int64_t L, float temperature, float top_p, int64_t top_k,
                      const float* uniforms, float* workspace, int32_t* accepted, int32_t* accept_len,
-                     int32_t* bonus) {
+                     int32_t* bonus, int64_t threads) {
   const int64_t elem = dtype == kFloat32 ? 4 : 2;
-  // Small problems are not worth a thread start; otherwise one thread per core, rows strided.
-  const int64_t cores = std::max(1u, std::thread::hardware_concurrency());
-  const int64_t n_threads = B * V < (int64_t(1) << 16) ? 1 : std::min(B, cores);
+  // Small problems run on the caller's thread; otherwise rows spread over OpenMP threads (torch's
+  // pool, at most the caller's count).
+  const int64_t n_threads = B * V < (int64_t(1) << 16) ? 1 : std::max<int64_t>(1, std::min(B, threads));
   std::vector<std::vector<float>> scratch(n_threads);  // allocated here so bad_alloc reaches the caller
   if (uniforms)
     for (auto& s : scratch) s.reserve(size_t(V));
 
-  auto rows = [&](int64_t first) {
-    for (int64_t b = first; b < B; b += n_threads) {
+#pragma omp parallel num_threads(int(n_threads)) if (n_threads > 1)
+  {
+    const int64_t first = omp_get_thread_num(), stride = omp_get_num_threads();
+    for (int64_t b = first; b < B; b += stride) {
       const void* logits = static_cast<const char*>(target_logits) + b * m * V * elem;
       const int32_t* tok = tokens + b * m;
       const int32_t* par = parents + b * m;
@@ -246,16 +249,7 @@ void tree_verify_cpu(const int32_t* tokens, const int32_t* parents, const void* 
         bonus[b] = node.argmax;
       }
     }
-  };
-  std::vector<std::thread> pool;
-  try {
-    for (int64_t t = 1; t < n_threads; ++t) pool.emplace_back(rows, t);
-  } catch (...) {  // no thread may outlive the call
-    for (auto& th : pool) th.join();
-    throw;
   }
-  rows(0);
-  for (auto& th : pool) th.join();
 }
 
 }  // namespace e2k

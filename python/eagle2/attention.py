@@ -12,13 +12,14 @@ exact only while the context fits in the window.
 """
 from __future__ import annotations
 
-import functools
 import inspect
 
 import torch
 from transformers import AttentionInterface
 
 import eagle2_kernels
+
+from .linear import skinny_linears
 
 NAME = "eagle2_tree"
 
@@ -42,10 +43,16 @@ def _hf_attention(module, query, key, value, attention_mask, scaling=None, dropo
 AttentionInterface.register(NAME, _hf_attention)
 
 
-@functools.cache
+_CACHE_KWARG: dict[type, str] = {}
+
+
+@torch.compiler.assume_constant_result  # a compiled step takes the answer, not a trace of inspect
 def _cache_kwarg(model_cls: type) -> str:
     """transformers renamed `past_key_values` to `cache` (5.2x); use what this version takes."""
-    return "cache" if "cache" in inspect.signature(model_cls.forward).parameters else "past_key_values"
+    if model_cls not in _CACHE_KWARG:
+        params = inspect.signature(model_cls.forward).parameters
+        _CACHE_KWARG[model_cls] = "cache" if "cache" in params else "past_key_values"
+    return _CACHE_KWARG[model_cls]
 
 
 def target_forward(model, input_ids: torch.Tensor, position_ids: torch.Tensor, cache, mask_bits: torch.Tensor,
@@ -55,15 +62,17 @@ def target_forward(model, input_ids: torch.Tensor, position_ids: torch.Tensor, c
     input_ids, position_ids [B, n]; cache: a KVCache whose rows receive the n tokens at their
     current lengths; mask_bits [B, n, W] int32, visibility among the new tokens (the prefix,
     keys before prefix_len [B], is always visible). Returns the features [B, n, h] (the final
-    normed hidden states; the caller applies the lm_head where it needs logits).
+    normed hidden states; the caller applies the lm_head where it needs logits). On the CPU its
+    linear layers run on skinny_linear (eagle2.linear).
     """
     base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
     config = model.config
     saved = config._attn_implementation
     config._attn_implementation = NAME
     try:
-        out = base(input_ids=input_ids, position_ids=position_ids, use_cache=True,
-                   eagle2_mask_bits=mask_bits, eagle2_prefix_len=prefix_len, **{_cache_kwarg(type(base)): cache})
+        with skinny_linears(input_ids.device):
+            out = base(input_ids=input_ids, position_ids=position_ids, use_cache=True,
+                       eagle2_mask_bits=mask_bits, eagle2_prefix_len=prefix_len, **{_cache_kwarg(type(base)): cache})
     finally:
         config._attn_implementation = saved
     return out.last_hidden_state

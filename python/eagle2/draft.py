@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -36,6 +37,7 @@ from transformers.models.llama.modeling_llama import (
 )
 
 from .attention import tree_attend
+from .linear import skinny_linears
 from .model import head_dim
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -48,8 +50,9 @@ CONFIG_FIELDS = (
 
 
 class DraftAttention(nn.Module):
-    """Self-attention of the draft layer: causal over a full sequence (training) or
-    tree-masked over its own KV cache (drafting)."""
+    """Self-attention of the draft layer: causal over a full sequence (training), unrolled
+    over its own predictions (training-time test, `unroll`), or tree-masked over its own KV
+    cache (drafting)."""
 
     def __init__(self, config: LlamaConfig, qkv_bias: bool):
         super().__init__()
@@ -59,19 +62,56 @@ class DraftAttention(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, self.kv_heads * self.head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(self.heads * self.head_dim, config.hidden_size, bias=False)
 
-    def forward(self, x, cos, sin, cache=None, mask_bits=None, prefix_len=None):
+    def forward(self, x, cos, sin, cache=None, mask_bits=None, prefix_len=None, unroll=None):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.heads, self.head_dim).transpose(1, 2)  # [B, Hq, T, d]
         k = self.k_proj(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, d]
         v = self.v_proj(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
-        if cache is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.heads != self.kv_heads)
-            out = out.transpose(1, 2)  # [B, T, Hq, d]
-        else:
+        if cache is not None:
             k_all, v_all = cache.update(k, v, 0)
             out = tree_attend(q, k_all, v_all, mask_bits, prefix_len, self.head_dim**-0.5)
+        elif unroll is not None and unroll.kv:
+            out = _unrolled_attention(q, k, v, unroll).transpose(1, 2)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.heads != self.kv_heads)
+            out = out.transpose(1, 2)  # [B, T, Hq, d]
+        if unroll is not None:
+            unroll.kv.append((k, v))
         return self.o_proj(out.reshape(B, T, -1))
+
+
+@dataclass
+class Unroll:
+    """The training-time test's state, threaded through the head's calls (train.unrolled):
+    each step's keys and values, and `index` [B, P], the step-1 positions that steps 2.. carry
+    on from (None: all of them)."""
+
+    kv: list = field(default_factory=list)
+    index: torch.Tensor | None = None
+
+
+def _unrolled_attention(q, k, v, unroll: Unroll) -> torch.Tensor:
+    """Attention of unroll step s = len(unroll.kv) + 1 >= 2 of the training-time test.
+
+    Query p of step s continues step-1 position j = index[b, p]: it stands for the draft node
+    at depth s below the root t_{j+1}, which at decode time sees the committed prefix (step 1's
+    keys 0..j, the causal part) and its ancestors at depths 2..s-1 plus itself (query p of
+    each later step: the diagonal). q [B, Hq, P, d], k / v [B, Hkv, P, d] of this step;
+    unroll.kv[0]: step 1's [B, Hkv, T, d]. Returns [B, Hq, P, d]."""
+    group = q.shape[1] // k.shape[1]
+    expand = lambda t: t.repeat_interleave(group, dim=1)  # noqa: E731  GQA: one KV head per group
+    (k1, v1), rest = unroll.kv[0], unroll.kv[1:] + [(k, v)]
+    B, _, P, _ = q.shape
+    T, scale = k1.shape[2], q.shape[-1] ** -0.5
+    index = unroll.index if unroll.index is not None else torch.arange(T, device=q.device).expand(B, T)
+    hidden = torch.arange(T, device=q.device)[None, None] > index[:, :, None]  # [B, P, T]: key after the root
+    causal = ((q @ expand(k1).transpose(-1, -2)) * scale).masked_fill(hidden[:, None], float("-inf"))
+    ks, vs = torch.stack([expand(kk) for kk, _ in rest], 3), torch.stack([expand(vv) for _, vv in rest], 3)  # [B, Hq, P, S, d]
+    diag = (q[:, :, :, None] * ks).sum(-1) * scale  # [B, Hq, P, S]
+    scores = torch.cat([causal, diag], -1)
+    w = torch.softmax(scores, -1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(q.dtype)
+    return w[..., :T] @ expand(v1) + (w[..., T:, None] * vs).sum(3)
 
 
 class DraftLayer(nn.Module):
@@ -83,8 +123,8 @@ class DraftLayer(nn.Module):
         self.mlp = LlamaMLP(config)
         self.post_attention_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
-    def forward(self, x, cos, sin, cache=None, mask_bits=None, prefix_len=None):
-        h = x + self.self_attn(x, cos, sin, cache, mask_bits, prefix_len)
+    def forward(self, x, cos, sin, cache=None, mask_bits=None, prefix_len=None, unroll=None):
+        h = x + self.self_attn(x, cos, sin, cache, mask_bits, prefix_len, unroll)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -191,22 +231,27 @@ class DraftHead(nn.Module):
 
     # ---- compute -----------------------------------------------------------------------
     def forward(self, features: torch.Tensor, next_tokens: torch.Tensor, position_ids: torch.Tensor,
-                cache=None, mask_bits: torch.Tensor | None = None, prefix_len: torch.Tensor | None = None) -> torch.Tensor:
+                cache=None, mask_bits: torch.Tensor | None = None, prefix_len: torch.Tensor | None = None,
+                unroll: list | None = None) -> torch.Tensor:
         """Predicted features [B, T, h].
 
         features [B, T, h] (f_i), next_tokens [B, T] (t_{i+1}), position_ids [B, T] (the
         position of t_{i+1}). Without a cache: causal attention over the T inputs (training).
         With a KVCache: the inputs are appended at each row's cache length and attend with
         tree_attention (mask_bits [B, T, W] over the keys from prefix_len [B] on).
+        unroll (training-time test, no cache): an Unroll that collects each call's keys and
+        values; a call with keys in it is the next unroll step (see train.unrolled).
         """
-        emb = self._embedding()(next_tokens)
-        x = self.fc(torch.cat([emb.to(self.fc.weight.dtype), features.to(self.fc.weight.dtype)], dim=-1))
-        cos, sin = self.rotary_emb(x, position_ids)
-        return self.layers[0](x, cos, sin, cache, mask_bits, prefix_len)
+        with skinny_linears(features.device):
+            emb = self._embedding()(next_tokens)
+            x = self.fc(torch.cat([emb.to(self.fc.weight.dtype), features.to(self.fc.weight.dtype)], dim=-1))
+            cos, sin = self.rotary_emb(x, position_ids)
+            return self.layers[0](x, cos, sin, cache, mask_bits, prefix_len, unroll)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Draft logits [..., Vd] (Vd = len(d2t), else the target's vocabulary)."""
-        return F.linear(hidden, self._lm_weight().to(hidden.dtype))
+        with skinny_linears(hidden.device):
+            return F.linear(hidden, self._lm_weight().to(hidden.dtype))
 
     def to_target_ids(self, draft_ids: torch.Tensor) -> torch.Tensor:
         """Map draft vocabulary indices to target token ids (identity without d2t)."""

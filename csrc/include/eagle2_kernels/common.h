@@ -1,5 +1,5 @@
 // Helpers shared by the CPU (C++) and CUDA kernels: host/device qualifiers, float bit casts and
-// the order key of float bits, 16-bit float decoding without CUDA headers, the input sanitising
+// the order key of float bits, 16-bit float decoding and rounding without CUDA headers, the input sanitising
 // rule of eagle2_kernels.reference and the (value, index) order of top-k and argmax.
 #pragma once
 #include <cstdint>
@@ -73,6 +73,43 @@ E2K_HD float load_float(const void* p, int dtype, int64_t i) {
   if (dtype == kFloat32) return static_cast<const float*>(p)[i];
   uint16_t h = static_cast<const uint16_t*>(p)[i];
   return dtype == kFloat16 ? half_bits_to_float(h) : bf16_bits_to_float(h);
+}
+
+// float -> IEEE half bits, round to nearest even (overflow -> inf, subnormals exact, NaN kept NaN).
+E2K_HD uint16_t float_to_half_bits(float f) {
+  const uint32_t x = float_to_bits(f);
+  const uint32_t sign = (x >> 16) & 0x8000u;
+  const uint32_t ax = x & 0x7fffffffu;
+  if (ax > 0x7f800000u) return static_cast<uint16_t>(sign | 0x7e00u);
+  if (ax >= 0x477ff000u) return static_cast<uint16_t>(sign | 0x7c00u);  // >= 65520 rounds to inf
+  if (ax >= 0x38800000u) {  // normal half: rebias the exponent, round the 13 dropped bits
+    const uint32_t r = ax - 0x38000000u;
+    return static_cast<uint16_t>(sign | ((r + 0xfffu + ((r >> 13) & 1u)) >> 13));
+  }
+  // Subnormal half (or zero): the value in units of 2^-24 is mant * 2^-(126 - exp).
+  const uint32_t shift = 126u - (ax >> 23);
+  if (shift > 24u) return static_cast<uint16_t>(sign);
+  const uint32_t mant = (ax & 0x7fffffu) | 0x800000u;
+  uint32_t h = mant >> shift;
+  const uint32_t rem = mant & ((1u << shift) - 1u), half = 1u << (shift - 1u);
+  if (rem > half || (rem == half && (h & 1u))) ++h;
+  return static_cast<uint16_t>(sign | h);
+}
+
+// float -> bfloat16 bits, round to nearest even (NaN kept NaN).
+E2K_HD uint16_t float_to_bf16_bits(float f) {
+  const uint32_t x = float_to_bits(f);
+  if ((x & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((x >> 16) | 0x40u);
+  return static_cast<uint16_t>((x + 0x7fffu + ((x >> 16) & 1u)) >> 16);
+}
+
+// Stores v as element i of a float32/float16/bfloat16 buffer.
+E2K_HD void store_float(void* p, int dtype, int64_t i, float v) {
+  if (dtype == kFloat32) {
+    static_cast<float*>(p)[i] = v;
+  } else {
+    static_cast<uint16_t*>(p)[i] = dtype == kFloat16 ? float_to_half_bits(v) : float_to_bf16_bits(v);
+  }
 }
 
 constexpr float kFloat32Max = 3.402823466e+38f;

@@ -1,0 +1,271 @@
+// skinny_linear on the CPU: y[M, N] = x[M, K] W[N, K]^T (+ bias) for few rows M (a decode step's
+// tokens), reading each weight once for all rows and computing every output the same way
+// whatever M is (eagle2_kernels.reference.skinny_linear).
+//
+// Why not the BLAS: for M of 2 to 64 MKL and oneDNN switch from their GEMV to GEMM paths that
+// re-read W (a 49152 x 576 float32 lm_head costs 2x more at M = 2 than at M = 1) and sum in an
+// order that depends on M, so a tree token's logits differ in the last bits from the same token's
+// in a one-token forward. Here:
+//   - W is read once: a tile of R weight rows (a few KiB, kept in L1) is streamed from memory and
+//     multiplied with every x row, MB x rows at a time (R * MB accumulators in registers), before
+//     the next tile;
+//   - y[m, n] is always the same float32 sum: lane l of a kLanes-wide accumulator adds the
+//     products of k = l, l + kLanes, ... in increasing k (fused multiply-add; bfloat16 adds the
+//     pair 2l, 2l + 1 per step with AVX512-BF16's dot product; the tail zero-padded), then the
+//     lanes are added in a fixed tree, then the bias, then one rounding to the output dtype.
+//     Neither M, nor the row's place in x, nor the blocking, nor the thread count changes it.
+// x is copied once per call (small), zero-padded to whole vectors: float32 for float32 and
+// float16 weights, bfloat16 for bfloat16 weights on AVX512-BF16 CPUs. Threads (OpenMP, the
+// runtime torch itself uses, so the two share one pool) split the N tiles; the caller passes how
+// many, 1 for small problems.
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "eagle2_kernels/common.h"
+#include "eagle2_kernels/ops.h"
+
+namespace e2k {
+namespace {
+
+// Part of the next tile's weights to pull into the cache while a block computes: `lines` cache
+// lines per step of k from `at` on (none when at is null).
+struct Prefetch {
+  const char* at;
+  int64_t lines;
+};
+
+struct Problem {
+  const void* x;  // [M, Kp] padded copy (float32, or bfloat16 for the dot-product path)
+  const void* w;
+  const void* bias;
+  int dtype;
+  int64_t M, K, Kp, N;
+  void* y;
+};
+
+inline void finish(const Problem& P, int64_t m, int64_t n, float v) {
+  if (P.bias != nullptr) v += load_float(P.bias, P.dtype, n);
+  store_float(P.y, P.dtype, m * P.N + n, v);
+}
+
+#if defined(__x86_64__)
+#define E2K_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl"), always_inline)) inline
+#define E2K_AVX512_KERNEL __attribute__((target("avx512f,avx512bw,avx512vl")))
+#define E2K_AVX512_BF16_KERNEL __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+
+// 16 weights from float32 / float16 / bfloat16 memory as float32 (masked lanes read as 0).
+template <int DT>
+E2K_AVX512 __m512 load16(const void* w, int64_t i, __mmask16 mask) {
+  if constexpr (DT == kFloat32) {
+    return _mm512_maskz_loadu_ps(mask, static_cast<const float*>(w) + i);
+  } else {
+    const __m256i h = _mm256_maskz_loadu_epi16(mask, static_cast<const uint16_t*>(w) + i);
+    if constexpr (DT == kFloat16) return _mm512_cvtph_ps(h);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  }
+}
+
+// Fixed reduction tree over the 16 lanes: halves, then quarters, ...
+E2K_AVX512 float hsum(__m512 v) {
+  const __m256 h8 = _mm256_add_ps(_mm512_castps512_ps256(v), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+  const __m128 h4 = _mm_add_ps(_mm256_castps256_ps128(h8), _mm256_extractf128_ps(h8, 1));
+  const __m128 h2 = _mm_add_ps(h4, _mm_movehl_ps(h4, h4));
+  return _mm_cvtss_f32(_mm_add_ss(h2, _mm_movehdup_ps(h2)));
+}
+
+// float32 FMA path: R weight rows from n0 x MB x rows from m0 (x as float32). The loop is
+// written out here, with the sizes in locals, and every loop over the accumulators fully
+// unrolled, so they stay in registers (else GCC keeps the array in memory and stores it back
+// on every step).
+template <int DT, int R, int MB>
+E2K_AVX512_KERNEL void tile_fma(const Problem& P, int64_t n0, int64_t m0, Prefetch pf) {
+  const int64_t K = P.K, Kp = P.Kp;
+  const float* x = static_cast<const float*>(P.x) + m0 * Kp;
+  const void* w = P.w;
+  __m512 acc[MB][R];
+  #pragma GCC unroll 8
+  for (int i = 0; i < MB; ++i)
+    #pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) acc[i][r] = _mm512_setzero_ps();
+  const __mmask16 tail = K % 16 ? __mmask16((1u << (K % 16)) - 1) : __mmask16(0xffff);
+  for (int64_t k = 0; k < K; k += 16) {
+    const __mmask16 mask = k + 16 <= K ? __mmask16(0xffff) : tail;
+    __m512 wv[R];
+    #pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) wv[r] = load16<DT>(w, (n0 + r) * K + k, mask);
+    #pragma GCC unroll 8
+    for (int i = 0; i < MB; ++i) {
+      const __m512 xv = _mm512_loadu_ps(x + i * Kp + k);  // zero-padded: no mask needed
+      #pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) acc[i][r] = _mm512_fmadd_ps(xv, wv[r], acc[i][r]);
+    }
+  }
+  #pragma GCC unroll 8
+  for (int i = 0; i < MB; ++i)
+    #pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) finish(P, m0 + i, n0 + r, hsum(acc[i][r]));
+}
+
+// bfloat16 dot-product path (x as bfloat16, AVX512-BF16): 32 values of k per step.
+template <int R, int MB>
+E2K_AVX512_BF16_KERNEL void tile_dpbf16(const Problem& P, int64_t n0, int64_t m0, Prefetch pf) {
+  const int64_t K = P.K, Kp = P.Kp;
+  const uint16_t* x = static_cast<const uint16_t*>(P.x) + m0 * Kp;
+  const uint16_t* w = static_cast<const uint16_t*>(P.w);
+  __m512 acc[MB][R];
+  #pragma GCC unroll 8
+  for (int i = 0; i < MB; ++i)
+    #pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) acc[i][r] = _mm512_setzero_ps();
+  const __mmask32 tail = K % 32 ? __mmask32((1ull << (K % 32)) - 1) : __mmask32(0xffffffffu);
+  for (int64_t k = 0; k < K; k += 32) {
+    const __mmask32 mask = k + 32 <= K ? __mmask32(0xffffffffu) : tail;
+    __m512bh wv[R];
+    #pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) wv[r] = (__m512bh)_mm512_maskz_loadu_epi16(mask, w + (n0 + r) * K + k);
+    #pragma GCC unroll 8
+    for (int i = 0; i < MB; ++i) {
+      const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + i * Kp + k);
+      #pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) acc[i][r] = _mm512_dpbf16_ps(acc[i][r], xv, wv[r]);
+    }
+  }
+  #pragma GCC unroll 8
+  for (int i = 0; i < MB; ++i)
+    #pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) finish(P, m0 + i, n0 + r, hsum(acc[i][r]));
+}
+#endif
+
+// Portable fallback: the FMA path's sums with 16 scalar lanes.
+template <int R, int MB>
+void tile_portable(const Problem& P, int64_t n0, int64_t m0, Prefetch /*pf*/) {
+  const float* x = static_cast<const float*>(P.x) + m0 * P.Kp;
+  float acc[MB][R][16] = {};
+  for (int64_t k = 0; k < P.K; k += 16) {
+    const int64_t width = std::min<int64_t>(16, P.K - k);
+    float w[R][16] = {};
+    #pragma GCC unroll 8
+    for (int r = 0; r < R; ++r)
+      for (int64_t l = 0; l < width; ++l) w[r][l] = load_float(P.w, P.dtype, (n0 + r) * P.K + k + l);
+    #pragma GCC unroll 8
+    for (int i = 0; i < MB; ++i)
+      #pragma GCC unroll 8
+      for (int r = 0; r < R; ++r)
+        for (int l = 0; l < 16; ++l) acc[i][r][l] = __builtin_fmaf(x[i * P.Kp + k + l], w[r][l], acc[i][r][l]);
+  }
+  #pragma GCC unroll 8
+  for (int i = 0; i < MB; ++i) {
+    #pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      float s[16];
+      std::memcpy(s, acc[i][r], sizeof s);
+      for (int half = 8; half >= 1; half /= 2)
+        for (int l = 0; l < half; ++l) s[l] += s[l + half];
+      finish(P, m0 + i, n0 + r, s[0]);
+    }
+  }
+}
+
+// (problem, first weight row, first x row, what to prefetch meanwhile)
+using TileFn = void (*)(const Problem&, int64_t, int64_t, Prefetch);
+
+enum class Path { kPortable, kFma, kDpbf16 };
+
+Path pick_path(int dtype) {
+#if defined(__x86_64__)
+  static const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                             __builtin_cpu_supports("avx512vl");
+  static const bool bf16 = avx512 && __builtin_cpu_supports("avx512bf16");
+  if (dtype == kBFloat16 && bf16) return Path::kDpbf16;
+  if (avx512) return Path::kFma;
+#endif
+  (void)dtype;
+  return Path::kPortable;
+}
+
+template <int R, int MB>
+TileFn tile_fn(Path path, int dtype) {
+#if defined(__x86_64__)
+  if (path == Path::kDpbf16) return tile_dpbf16<R, MB>;
+  if (path == Path::kFma) {
+    if (dtype == kFloat32) return tile_fma<kFloat32, R, MB>;
+    if (dtype == kFloat16) return tile_fma<kFloat16, R, MB>;
+    return tile_fma<kBFloat16, R, MB>;
+  }
+#endif
+  (void)path;
+  (void)dtype;
+  return tile_portable<R, MB>;
+}
+
+// The tile functions for R weight rows: fns[MB - 1] handles MB x rows, MB = 1 .. MBMax.
+template <int R, int MBMax>
+void tiles_for(Path path, int dtype, std::vector<TileFn>& fns) {
+  if constexpr (MBMax > 1) tiles_for<R, MBMax - 1>(path, dtype, fns);
+  fns.push_back(tile_fn<R, MBMax>(path, dtype));
+}
+
+// All x rows against weight rows [n0, n0 + R), MB at a time, then the leftover rows. Meanwhile
+// the blocks prefetch the next tile's weights (`next`, `bytes` of them, if any), spread evenly
+// over their steps, so one tile's memory reads overlap the previous tile's arithmetic.
+inline void rows(const Problem& P, const std::vector<TileFn>& fns, int64_t n0, const char* next, int64_t bytes,
+                 int64_t step) {
+  const int64_t mb = int64_t(fns.size());
+  const int64_t blocks = (P.M + mb - 1) / mb;
+  const int64_t steps = blocks * ((P.K + step - 1) / step);
+  const int64_t per_step = next != nullptr ? (bytes / 64 + steps - 1) / steps : 0;
+  const int64_t per_block = per_step * 64 * ((P.K + step - 1) / step);
+  for (int64_t m0 = 0, b = 0; m0 < P.M; m0 += mb, ++b) {
+    const int64_t rows_here = std::min(mb, P.M - m0);
+    const bool any = next != nullptr && b * per_block < bytes;
+    fns[size_t(rows_here - 1)](P, n0, m0, Prefetch{any ? next + b * per_block : nullptr, per_step});
+  }
+}
+
+}  // namespace
+
+void skinny_linear_cpu(const void* x, const void* w, const void* bias, int dtype, int64_t M, int64_t K, int64_t N,
+                       void* y, int64_t threads) {
+  if (M <= 0 || N <= 0) return;
+  const Path path = pick_path(dtype);
+  // The padded x copy: whole vectors of 32 bfloat16 (dot-product path) or 16 float32.
+  const int64_t Kp = path == Path::kDpbf16 ? (K + 31) / 32 * 32 : (K + 15) / 16 * 16;
+  std::vector<float> xf;
+  std::vector<uint16_t> xh;
+  if (path == Path::kDpbf16) {
+    xh.assign(size_t(M * Kp), 0);
+    for (int64_t m = 0; m < M; ++m) std::memcpy(&xh[size_t(m * Kp)], static_cast<const uint16_t*>(x) + m * K, size_t(K) * 2);
+  } else {
+    xf.assign(size_t(M * Kp), 0.0f);
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t k = 0; k < K; ++k) xf[size_t(m * Kp + k)] = load_float(x, dtype, m * K + k);
+  }
+  const Problem P{path == Path::kDpbf16 ? static_cast<const void*>(xh.data()) : xf.data(), w, bias, dtype, M, K, Kp, N, y};
+  // Few rows: more weight rows per tile keep enough independent accumulators in flight; more
+  // rows: a squarer block reuses each load more (R * MB accumulators of 32 registers).
+  const bool few = M <= 64;
+  std::vector<TileFn> wide, single;
+  if (few) {
+    tiles_for<8, 3>(path, dtype, wide);
+  } else {
+    tiles_for<4, 6>(path, dtype, wide);
+  }
+  tiles_for<1, 6>(path, dtype, single);
+  const int64_t R = few ? 8 : 4;
+  const int64_t tiles = N / R;
+  // Multiply-adds per thread at least before another thread is worth waking.
+  threads = std::clamp<int64_t>(M * N * K / (int64_t(1) << 20), 1, std::max<int64_t>(1, threads));
+  const int64_t row_bytes = K * (dtype == kFloat32 ? 4 : 2);
+  const char* wb = static_cast<const char*>(w);
+  const int64_t step = path == Path::kDpbf16 ? 32 : 16;  // k per step
+#pragma omp parallel for num_threads(int(std::max<int64_t>(1, threads))) schedule(static) if (threads > 1)
+  for (int64_t t = 0; t < tiles; ++t)
+    rows(P, wide, t * R, t + 1 < tiles ? wb + (t + 1) * R * row_bytes : nullptr, R * row_bytes, step);
+  for (int64_t n = tiles * R; n < N; ++n) rows(P, single, n, nullptr, 0, step);
+}
+
+}  // namespace e2k

@@ -1,0 +1,101 @@
+"""skinny_linear: every backend against the reference (F.linear in float32) within float32
+rounding, and the property the decode loop relies on: each row's result is bitwise the same
+whatever the other rows, so a verify over m tokens computes what m one-token forwards do."""
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, strategies as st
+
+import eagle2_kernels as ek
+from eagle2_kernels import reference
+from kernel_helpers import DTYPES, backends_under_test
+
+BACKENDS = backends_under_test("skinny_linear")
+NATIVE = backends_under_test("skinny_linear", native=True)
+
+
+@st.composite
+def linear_inputs(draw):
+    """(x [M, K], weight [N, K], bias [N] or None) in one dtype: K and N off the vector widths
+    (16 float32 / 32 bfloat16 lanes, 8-row tiles), M across the register blocks."""
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**32 - 1)))
+    M = draw(st.integers(1, ek.SKINNY_LINEAR_MAX_ROWS))
+    K = draw(st.sampled_from([1, 7, 16, 31, 33, 64, 100, 576]))
+    N = draw(st.sampled_from([1, 5, 8, 13, 64, 200]))
+    dtype = draw(st.sampled_from(DTYPES))
+    x = torch.randn(M, K, generator=g).to(dtype)
+    weight = torch.randn(N, K, generator=g).to(dtype)
+    bias = torch.randn(N, generator=g).to(dtype) if draw(st.booleans()) else None
+    return x, weight, bias
+
+
+@pytest.mark.parametrize("backend", BACKENDS, ids=lambda b: f"backend={b}")
+@given(inputs=linear_inputs())
+def test_matches_reference(backend, inputs):
+    x, weight, bias = inputs
+    want = reference.skinny_linear(x, weight, bias)
+    got = ek.skinny_linear(x, weight, bias, backend=backend)
+    assert got.dtype == x.dtype and got.shape == want.shape
+    # float32 sums in another order: within K float32 roundings of the sum of magnitudes, plus
+    # one rounding of the output dtype
+    K = x.shape[1]
+    bound = 4 * K * 2**-23 * (x.float().abs() @ weight.float().abs().T + (bias.float().abs() if bias is not None else 0))
+    out_ulp = {torch.float32: 0.0, torch.float16: 2**-10, torch.bfloat16: 2**-7}[x.dtype]
+    err = (got.float() - want.float()).abs()
+    assert torch.all(err <= bound + 1e-30 + out_ulp * want.float().abs()), float(err.max())
+
+
+@pytest.mark.parametrize("backend", NATIVE, ids=lambda b: f"backend={b}")
+@given(inputs=linear_inputs(), data=st.data())
+def test_each_row_is_computed_alike_whatever_the_other_rows(backend, inputs, data):
+    x, weight, bias = inputs
+    whole = ek.skinny_linear(x, weight, bias, backend=backend)
+    i = data.draw(st.integers(0, x.shape[0] - 1))
+    j = data.draw(st.integers(i + 1, x.shape[0]))
+    assert torch.equal(ek.skinny_linear(x[i:j], weight, bias, backend=backend), whole[i:j])
+    shuffled = torch.randperm(x.shape[0])
+    assert torch.equal(ek.skinny_linear(x[shuffled], weight, bias, backend=backend), whole[shuffled])
+
+
+@pytest.mark.parametrize("backend", NATIVE, ids=lambda b: f"backend={b}")
+def test_thread_count_does_not_change_results(backend):
+    g = torch.Generator().manual_seed(0)
+    x, weight = torch.randn(16, 576, generator=g), torch.randn(4096, 576, generator=g)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = ek.skinny_linear(x, weight, backend=backend)
+        torch.set_num_threads(max(2, threads))
+        assert torch.equal(ek.skinny_linear(x, weight, backend=backend), one)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_leading_dims_and_out():
+    g = torch.Generator().manual_seed(1)
+    x, weight, bias = torch.randn(2, 3, 40, generator=g), torch.randn(24, 40, generator=g), torch.randn(24, generator=g)
+    out = torch.empty(2, 3, 24)
+    assert ek.skinny_linear(x, weight, bias, out=out) is out
+    assert torch.equal(out, ek.skinny_linear(x.reshape(6, 40), weight, bias).reshape(2, 3, 24))
+
+
+def test_float64_runs_on_the_reference():
+    x, weight = torch.randn(3, 8, dtype=torch.float64), torch.randn(5, 8, dtype=torch.float64)
+    assert torch.equal(ek.skinny_linear(x, weight), x @ weight.T)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(x=torch.randn(65, 8)), "x: expected at most 64 rows"),
+    (dict(weight=torch.randn(5, 9)), r"weight: expected shape \[\*, 8\]"),
+    (dict(weight=torch.randn(5, 8).double()), "weight: expected dtype torch.float32"),
+    (dict(bias=torch.randn(4)), r"bias: expected shape \[5\]"),
+    (dict(x=torch.randn(8, 3)[:, :2].T.contiguous().T), "x: expected a contiguous tensor"),
+    (dict(x=torch.tensor(1.0)), "x: expected at least 1 dim"),
+    (dict(x=torch.randn(2, 8).int()), "x: expected dtype"),
+    (dict(out=torch.empty(2, 4)), r"out: expected shape \[2, 5\]"),
+])
+def test_bad_input_is_a_clear_error(bad, match):
+    args = dict(x=torch.randn(2, 8), weight=torch.randn(5, 8), bias=None, out=None) | bad
+    with pytest.raises(ValueError, match=match):
+        ek.skinny_linear(args.pop("x"), args.pop("weight"), args.pop("bias"), **args)
