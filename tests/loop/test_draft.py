@@ -183,3 +183,34 @@ def test_for_target_copies_the_last_layer(target):
     f, t, p = inputs(target)
     x = head.fc(torch.cat([target.model.embed_tokens(t), f], -1))
     torch.testing.assert_close(x, f)  # fc passes the feature through
+
+
+def test_training_time_test_unroll_equals_drafting(target):
+    """Step k of train.unrolled at index j computes what the draft computes at depth k below the
+    root t_{j+1}: the committed prefix in its cache, its ancestors and itself in the tree."""
+    from eagle2.train import unrolled
+
+    head = random_head(target)
+    B, T, steps = 2, 9, 3
+    feats, toks, _ = inputs(target, B, T, seed=3)
+    with torch.no_grad():
+        preds = unrolled(head, feats, toks, steps)
+        for j in range(T - steps):
+            cache = KVCache(1, B, head.config.num_key_value_heads, T + steps, head.config.head_dim, torch.float64)
+            chain = head(feats[:, :j + 1], toks[:, 1:j + 2], torch.arange(1, j + 2).expand(B, -1), cache=cache,
+                         mask_bits=chain_bits(j + 1, B), prefix_len=cache.lengths)
+            cache.extend(torch.full((B,), j + 1, dtype=torch.int32))
+            assert torch.allclose(chain[:, j], preds[0][:, j], atol=1e-12)
+            hidden, committed = chain[:, j:j + 1], torch.full((B,), j + 1, dtype=torch.int32)
+            for k in range(2, steps + 1):  # depth k sees its k - 2 drafted ancestors and itself
+                bits = torch.full((B, 1, 1), (1 << (k - 1)) - 1, dtype=torch.int32)
+                hidden = head(hidden, toks[:, j + k:j + k + 1], torch.full((B, 1), j + k), cache=cache,
+                              mask_bits=bits, prefix_len=committed)
+                cache.extend(torch.ones(B, dtype=torch.int32))
+                assert torch.allclose(hidden[:, 0], preds[k - 1][:, j], atol=1e-12), (j, k)
+        # Steps >= 2 from a subset of the positions compute the same predictions there.
+        index = torch.tensor([[1, 4, 5], [0, 2, 6]])
+        part = unrolled(head, feats, toks, steps, index)
+        assert torch.equal(part[0], preds[0])
+        for k in range(2, steps + 1):
+            assert torch.allclose(part[k - 1], preds[k - 1].gather(1, index[..., None].expand(2, 3, 64)), atol=1e-12)

@@ -58,7 +58,7 @@ def _train_args(data, out, target, *extra):
 
 def test_train_data_shards_are_resumable(tiny_data):
     argv, out = tiny_data
-    shards = sorted(out.glob("shard-*.safetensors"))
+    shards = sorted(out.glob("shard-*.npz"))
     assert len(shards) == 3  # 40 prompts in shards of 16
     mtimes = [p.stat().st_mtime_ns for p in shards]
     assert cli.main(argv) == 0  # everything done: nothing is regenerated
@@ -118,3 +118,12 @@ def test_reduced_vocab_commits_the_same_greedy_tokens(tiny_data, tiny_target, tm
         res = gen.generate(prompts, max_new_tokens=24, method="vanilla" if head is None else "eagle2")
         outputs.append([r.tokens for r in res])
     assert outputs[1] == outputs[0] and outputs[2] == outputs[0]
+
+
+def test_training_time_test_raises_accuracy_at_every_depth(tiny_data, tiny_target, tmp_path):
+    _, data = tiny_data
+    res = train(_train_args(data, tmp_path / "head", tiny_target, "--steps", "80", "--random-init",
+                            "--ttt-steps", "3", "--ttt-fraction", "0.5"))
+    start, end = res.eval_start["acc_steps"], res.eval_end["acc_steps"]
+    assert len(end) == 3
+    assert all(e > s + 0.1 for s, e in zip(start, end)), (start, end)
