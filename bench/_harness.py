@@ -1,7 +1,7 @@
 """Shared benchmark contract: a Case per (op, shape), and a median timer.
 
 Each bench/bench_<op>.py defines `cases(device: torch.device, quick: bool) -> list[Case]`;
-bench/kernels.py runs them.
+bench/kernel_bench.py runs them.
 """
 from __future__ import annotations
 

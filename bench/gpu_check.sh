@@ -89,7 +89,7 @@ PYTEST=($PY -P -m pytest -rfE --tb=short -p no:cacheprovider "${TESTS[@]}")
 failed=0
 if [ $DRY = 1 ]; then
   section "files and imports"
-  for f in bench/kernels.py bench/gpu_capture.py bench/triton_aot.py tests/kernels/kernel_helpers.py tests/test_build.py setup.py; do
+  for f in bench/kernel_bench.py bench/gpu_capture.py bench/triton_aot.py tests/kernels/kernel_helpers.py tests/test_build.py setup.py; do
     [ -f "$f" ] || { echo "missing: $f"; failed=1; }
   done
   for mod in torch pytest hypothesis scipy triton eagle2_kernels; do
@@ -107,7 +107,7 @@ if [ $DRY = 1 ]; then
     record "select -k $backend" "$([ "$n" -gt 0 ] && echo ok || echo 'FAILED (none)')" 0 "$n tests"
   done
   run "CUDA graph capture script (cpu, eager)" 120 $PY bench/gpu_capture.py --dry-run || failed=1
-  run "benchmark script (cpu, --quick)" 300 $PY bench/kernels.py --device cpu --quick --iters 1 --json "$R/bench.json" \
+  run "benchmark script (cpu, --quick)" 300 $PY bench/kernel_bench.py --device cpu --quick --iters 1 --json "$R/bench.json" \
     || failed=1
 else
   run build "${BUILD_TIMEOUT:-180}" env EAGLE2_CUDA_ARCHS="${EAGLE2_CUDA_ARCHS:-$cap}" MAX_JOBS="${MAX_JOBS:-$(nproc)}" \
@@ -120,7 +120,7 @@ else
       || failed=1
     steps[-1]+="$(junit "$R/tests-triton.xml")"
     run "CUDA graph capture" "${CAPTURE_TIMEOUT:-60}" $PY bench/gpu_capture.py || failed=1
-    run benchmarks "${BENCH_TIMEOUT:-90}" $PY bench/kernels.py --device cuda --iters "${BENCH_ITERS:-20}" --json "$R/bench.json" \
+    run benchmarks "${BENCH_TIMEOUT:-90}" $PY bench/kernel_bench.py --device cuda --iters "${BENCH_ITERS:-20}" --json "$R/bench.json" \
       || failed=1
   fi
 fi

@@ -29,4 +29,4 @@ __all__ = [
     "OPS", "SKINNY_LINEAR_MAX_ROWS", "FrontierExpansion", "Tree", "VerifyResult", "backends", "device_name", "frontier_expand", "kv_compact",
     "pack_mask_bits", "rerank", "skinny_linear", "tree_attention", "tree_verify",
 ]
-__version__ = "0.1.0"
+__version__ = "0.2.0"

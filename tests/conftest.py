@@ -2,13 +2,35 @@
 
 Without a CUDA device the Triton kernels run in Triton's CPU interpreter; the variable must
 be set before anything imports triton, which is why it lives here.
+
+The suite never writes into the user's eagle2 cache (models, autotune measurements): it runs
+with EAGLE2_CACHE in a temporary folder. A default target the user's cache already holds is
+linked in (read-only use), so a developer's run does not materialise it again; CI starts empty.
 """
+import atexit
 import os
+import shutil
+import tempfile
+from pathlib import Path
 
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def _private_cache() -> None:
+    from eagle2.model import DEFAULT_TARGET_NAME, cache_dir
+
+    user = cache_dir() / DEFAULT_TARGET_NAME
+    private = Path(tempfile.mkdtemp(prefix="eagle2-test-cache-"))
+    atexit.register(shutil.rmtree, private, ignore_errors=True)
+    if user.is_dir():
+        (private / DEFAULT_TARGET_NAME).symlink_to(user, target_is_directory=True)
+    os.environ["EAGLE2_CACHE"] = str(private)
+
+
+_private_cache()
 
 from hypothesis import HealthCheck, settings  # noqa: E402
 

@@ -22,7 +22,8 @@ _EXPORTS = {
     "DEFAULT_SHAPE": "api", "Generator": "api", "Result": "api", "load": "api",
     "DraftHead": "draft", "Sampling": "generate", "TreeShape": "tree",
 }
-__all__ = sorted(_EXPORTS)
+__all__ = sorted([*_EXPORTS, "__version__"])
+__version__ = "0.2.0"
 
 
 def __getattr__(name: str):

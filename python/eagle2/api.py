@@ -2,6 +2,7 @@
 `Generator.generate` prompts into `Result`s (re-exported by the eagle2 package)."""
 from __future__ import annotations
 
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +50,7 @@ class Generator:
     def __init__(self, model, tokenizer=None, head: DraftHead | None = None, shape: TreeShape = DEFAULT_SHAPE,
                  eos_token_ids=None):
         self.model, self.tokenizer, self.head, self.shape = model, tokenizer, head, shape
+        self._told_untuned = False
         if head is not None:
             head.attach(model)
         self.eos_ids = frozenset(eos_ids(model, tokenizer) if eos_token_ids is None else eos_token_ids)
@@ -56,6 +58,8 @@ class Generator:
     def encode(self, prompt: str | list[int]) -> list[int]:
         """A str is one user turn in the chat template; a list of ints is used as is."""
         if isinstance(prompt, str):
+            if not prompt.strip():
+                raise ValueError("prompts: an empty prompt (nothing to answer)")
             if self.tokenizer is None:
                 raise ValueError("prompts: text needs a tokenizer; pass token id lists instead")
             from .model import chat_prompt_ids
@@ -82,6 +86,8 @@ class Generator:
             warnings.warn("generate(topk=...) is deprecated: the tree's children per node is now branching= "
                           "(top_k stays the sampling top-k)", DeprecationWarning, stacklevel=2)
             branching = topk if branching is None else branching
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
+            raise ValueError(f"seed: expected an int in [0, 2**63) or None, got {seed!r}")
         if isinstance(prompts, str):
             prompts = [prompts]
         ids = [self.encode(p) for p in prompts]
@@ -95,42 +101,88 @@ class Generator:
             if self.head is None:
                 raise ValueError("method 'eagle2' needs a draft head (load(..., draft=PATH)); use 'vanilla' without one")
             head, shape = self.head, self.tree_shape(temperature, total_tokens, depth, branching)
+            vocab = len(head.d2t) if head.d2t is not None else head.config.vocab_size
+            if shape.branching > vocab:
+                raise ValueError(f"branching: expected at most {vocab} (the draft head's vocabulary), "
+                                 f"got {shape.branching}")
         rows = decode(self.model, ids, max_new_tokens, head=head, shape=shape, sampling=sampling,
                       eos_ids=self.eos_ids, seed=seed, stream=stream)
         return [self._result(r) for r in rows]
 
     def tree_shape(self, temperature: float = 0.0, total_tokens: int | str | None = None, depth: int | None = None,
                    branching: int | None = None) -> TreeShape:
-        """The tree an eagle2 call uses: each given field over the Generator's shape. Where that
-        shape is "auto" and a field is not given, or total_tokens is "auto", the fields come from
-        the shape tuned for this machine and temperature (eagle2.autotune; measured once, cached).
+        """The tree an eagle2 call uses: each given field over the Generator's shape.
         total_tokens m: nodes per tree, root included; depth: deepest draft level; branching:
-        draft children per expanded node."""
+        draft children per expanded node. A shape of "auto" is the one tuned for this machine
+        (eagle2.autotune) once it has been measured (`eagle2 tune`), else DEFAULT_SHAPE;
+        total_tokens="auto" measures now if needed (about a minute on a CPU, then cached).
+        Given fields are always used as given, without tuning."""
         given = {"total_tokens": total_tokens, "depth": depth, "branching": branching}
         TreeShape(**{k: 1 if v in (None, "auto") else v for k, v in given.items()})  # bad values fail before tuning
         base = self.shape
-        if total_tokens == "auto" or (base == "auto" and None in given.values()):
+        if total_tokens == "auto" or base == "auto":
             from .autotune import tuned_shape
 
-            base = tuned_shape(self, temperature)
+            base = tuned_shape(self, temperature, measure=total_tokens == "auto") or self._untuned_shape()
         return TreeShape(**{k: getattr(base, k) if v in (None, "auto") else v for k, v in given.items()})
+
+    def _untuned_shape(self) -> TreeShape:
+        if not self._told_untuned:
+            self._told_untuned = True
+            s = DEFAULT_SHAPE
+            print(f"[eagle2] tree shape {s.total_tokens}/{s.depth}/{s.branching} (total_tokens/depth/branching), the "
+                  "default: not tuned for this machine yet (`eagle2 tune` measures the best one, about a minute)",
+                  file=sys.stderr, flush=True)
+        return DEFAULT_SHAPE
 
     def _result(self, r: RowResult) -> Result:
         text = self.tokenizer.decode(r.tokens, skip_special_tokens=True) if self.tokenizer is not None else ""
         return Result(r.tokens, text, len(r.tokens), r.target_forwards, r.tau, r.seconds)
 
 
-def load(target: str | None = None, draft: str | None = None, dtype: torch.dtype = torch.float32,
+def check_device(device) -> torch.device:
+    """A torch.device this library can run on: "cpu", or "cuda[:i]" with that GPU present."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device: expected 'cpu', 'cuda' or 'cuda:N', got {device!r} ({e})") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device: expected 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+    if dev.type == "cuda":
+        count = torch.cuda.device_count()
+        if count == 0:
+            raise ValueError(f"device: {device!r} asked for, but torch sees no CUDA device (this torch: "
+                             f"{torch.__version__}); use 'cpu'")
+        if dev.index is not None and dev.index >= count:
+            raise ValueError(f"device: {device!r} asked for, but only {count} CUDA device(s) are visible")
+    return dev
+
+
+def check_dtype(dtype) -> torch.dtype:
+    """torch.float32 / float16 / bfloat16 / float64, given as a torch.dtype or its name."""
+    names = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+    if isinstance(dtype, str):
+        dtype = names.get(dtype.removeprefix("torch."), dtype)
+    if dtype not in names.values():
+        raise ValueError(f"dtype: expected one of {', '.join(names)} (or the torch dtype), got {dtype!r}")
+    return dtype
+
+
+def load(target: str | None = None, draft: str | None = None, dtype: torch.dtype | str = torch.float32,
          device: str | torch.device = "cpu", shape: TreeShape | str = "auto") -> Generator:
     """Load a target (a local HF checkpoint folder; None = the embedded SmolLM2-135M-Instruct)
     and a draft head (an EAGLE-1/2 folder; None = the head shipped for the default target, or
     no head for another target, which then supports only 'vanilla' and 'hf').
 
-    shape: the tree shape, or "auto" (default): chosen from the target's and the draft's costs
-    measured on this machine on first use (eagle2.autotune; about a minute on a CPU, then
-    cached), which beat every fixed shape in bench/results/sweep.json."""
+    dtype: a torch dtype or its name; device: "cpu", "cuda" or "cuda:N".
+    shape: a TreeShape, or "auto" (default): the shape `eagle2 tune` measured best for this
+    machine, model and head (eagle2.autotune; cached), DEFAULT_SHAPE until it has run.
+    Raises ValueError for a bad argument and for a checkpoint folder that cannot be read."""
     from .model import load_target
 
+    dtype, device = check_dtype(dtype), check_device(device)
+    if shape != "auto" and not isinstance(shape, TreeShape):
+        raise ValueError(f"shape: expected a TreeShape or 'auto', got {shape!r}")
     model, tokenizer = load_target(target, dtype=dtype, device=device)
     if draft is None and target is None:
         draft = DEFAULT_HEAD

@@ -17,16 +17,20 @@ generation per method comes first. Reported per method and prompt group (the `so
 dev_prompts.jsonl: mt_bench, humaneval, gsm8k; else `category`): tokens/s (generated tokens over
 wall time), tau (tokens committed per target forward after the prefill) and the speedups over
 `vanilla` and `hf` (ratios of tokens/s). Greedy runs also check each method's output against
-vanilla's, token for token.
+vanilla's, token for token, and report where each differing output first leaves it and the
+target's top-2 logit margin there (only a near-tie may flip). --busy N runs N CPU-bound competing
+processes meanwhile (a shared machine), to compare the speedups with a quiet run's.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import json
 import os
 import platform
 import re
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -95,6 +99,8 @@ def run_bench(gen, items: list[dict], methods: list[Method], *, max_new_tokens: 
             row = {"id": item["id"], "group": item["group"], "method": m.label, "prompt_tokens": len(p), **r}
             if temperature == 0 and ref is not None:
                 row["same_as_vanilla"] = r["tokens"] == ref["tokens"]
+                if not row["same_as_vanilla"]:
+                    row["divergence"] = first_divergence(gen.model, p, ref["tokens"], r["tokens"])
             rows.append(row)
         if progress:
             done = ", ".join(f"{m.label} {out[m.label]['new_tokens'] / out[m.label]['seconds']:.1f}" for m in methods)
@@ -102,6 +108,33 @@ def run_bench(gen, items: list[dict], methods: list[Method], *, max_new_tokens: 
                   file=sys.stderr, flush=True)
     return {"rows": rows, "summary": summarise(rows, [m.label for m in methods]),
             "shapes": {k: list(dataclasses.astuple(v)) for k, v in shapes.items()}}
+
+
+def first_divergence(model, prompt_ids: list[int], reference: list[int], other: list[int]) -> dict:
+    """Where a greedy output leaves the reference one: the first differing position, and the
+    target's top-2 logit margin there (after the prompt and the common tokens). A greedy
+    divergence is only legitimate at a near-tie, where rounding can swap the top two."""
+    import torch
+
+    j = next((i for i, (a, b) in enumerate(zip(reference, other)) if a != b), min(len(reference), len(other)))
+    dev = next(model.parameters()).device
+    with torch.inference_mode():
+        top = model(torch.tensor([prompt_ids + reference[:j]], device=dev)).logits[0, -1].float().topk(2).values
+    return {"at": j, "top2_margin": float(top[0] - top[1])}
+
+
+@contextlib.contextmanager
+def busy_load(processes: int, limit_s: float = 4 * 3600):
+    """`processes` CPU-bound competitors (another job on the machine) while the block runs; each
+    also stops by itself after limit_s seconds."""
+    spin = f"import time\nend = time.time() + {limit_s}\nwhile time.time() < end: pass"
+    procs = [subprocess.Popen([sys.executable, "-c", spin]) for _ in range(processes)]
+    try:
+        yield
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
 
 
 def _resolve_shape(gen, method: Method, temperature: float):
@@ -150,6 +183,7 @@ def summarise(rows: list[dict], labels: list[str]) -> dict:
                  "tau": tau(tokens, sum(r["target_forwards"] for r in rs), len(rs))}
             if rs and "same_as_vanilla" in rs[0]:
                 s["same_as_vanilla"] = sum(r["same_as_vanilla"] for r in rs) / len(rs)
+                s["divergence_margins"] = [round(r["divergence"]["top2_margin"], 6) for r in rs if "divergence" in r]
             stats[label] = s
         for label, s in stats.items():
             for base in ("vanilla", "hf"):
@@ -219,9 +253,11 @@ def run_cli(args, shape) -> int:
 
         forget(gen)
     env = environment(gen)
+    env["busy_processes"] = args.busy
     try:
-        res = run_bench(gen, items, methods, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                        seed=args.seed)
+        with busy_load(args.busy):
+            res = run_bench(gen, items, methods, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                            seed=args.seed)
     except ValueError as e:
         raise SystemExit(f"eagle2 bench: {e}")
     env["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]

@@ -5,6 +5,7 @@
     eagle2 bench --prompts data/dev_prompts.jsonl --per-category 5
     eagle2 train-data --out DATA --prompts data/train_prompts.jsonl
     eagle2 train --data DATA --out HEAD
+    eagle2 tune
 
 Every subcommand's arguments are defined here, and its handler imports the module that does
 the work only when it runs, so `eagle2 --help` does not load torch or transformers.
@@ -25,9 +26,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="eagle2", description="EAGLE-2 speculative decoding for Hugging Face causal LMs")
+    parser.add_argument("--version", action="version", version=f"eagle2 {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_generate, _add_bench, _add_train_data, _add_train):
+    for add in (_add_generate, _add_tune, _add_bench, _add_train_data, _add_train):
         add(sub)
     return parser
 
@@ -55,8 +59,8 @@ def tree_shape_spec(args) -> None | str | tuple:
         if d is not None or b is not None:
             raise ValueError("--total-tokens auto chooses depth and branching too; drop --depth/--branching")
         return "auto"
-    if m is not None and not m.isdigit():
-        raise ValueError(f"--total-tokens: expected an int or 'auto', got {m!r}")
+    if m is not None and (not m.isdigit() or int(m) < 1):
+        raise ValueError(f"--total-tokens: expected an int >= 1 or 'auto', got {m!r}")
     for flag, v in (("--depth", d), ("--branching/--topk", b)):
         if v is not None and v < 1:
             raise ValueError(f"{flag}: expected an int >= 1, got {v}")
@@ -79,9 +83,38 @@ def _add_generate(sub) -> None:
     p.add_argument("--seed", type=int, metavar="S")
     _add_tree_args(p)
     _add_model_args(p)
+    p.add_argument("--retune", action="store_true",
+                   help="measure the best tree shape for this machine again (eagle2 tune) before generating")
     p.add_argument("--batch-size", type=int, default=1, metavar="B", help="prompts decoded together")
     p.add_argument("--json", action="store_true", help="one JSON object per prompt instead of streamed text")
     p.set_defaults(func=run_generate)
+
+
+def _add_tune(sub) -> None:
+    p = sub.add_parser("tune", help="measure the best tree shape for this machine, model and head (cached)",
+                       description="Time the verify step per tree size and the draft growth per depth and branching "
+                                   "on this machine, measure the head's acceptance, and cache the best tree shape "
+                                   "(eagle2.autotune; about a minute on a 2-core CPU). `generate` and the API use it "
+                                   "from then on wherever the shape is 'auto' (the default).")
+    p.add_argument("--temperature", type=float, default=0.0, metavar="T",
+                   help="0: greedy (default); any T > 0 tunes the sampling regime")
+    _add_model_args(p)
+    p.set_defaults(func=_run_tune)
+
+
+def _run_tune(args) -> int:
+    from .api import load
+    from .autotune import forget
+
+    check_model_args(args, "tune", needs_head=True)
+    try:
+        gen = load(args.target, args.draft, dtype=args.dtype, device=args.device)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"eagle2 tune: {e}")
+    forget(gen)
+    s = gen.tree_shape(args.temperature, total_tokens="auto")
+    print(json.dumps({"total_tokens": s.total_tokens, "depth": s.depth, "branching": s.branching}))
+    return 0
 
 
 def _add_bench(sub) -> None:
@@ -98,6 +131,8 @@ def _add_bench(sub) -> None:
     _add_tree_args(p)
     p.add_argument("--seed", type=int, default=0, metavar="S", help="prompt i samples with seed S + i")
     p.add_argument("--retune", action="store_true", help="re-measure the 'auto' cost model instead of using the cache")
+    p.add_argument("--busy", type=int, default=0, metavar="N",
+                   help="run N CPU-bound competing processes during the benchmark (a shared machine)")
     _add_model_args(p)
     p.add_argument("--json", metavar="OUT", help="write rows, summary and a machine/date/versions header here")
     p.set_defaults(func=_run_bench)
@@ -208,31 +243,61 @@ def read_prompts(path: str, limit: int | None) -> list[tuple[str, str]]:
     try:
         return [(item["id"], item["prompt"]) for item in load_items(path, limit)]
     except (ValueError, OSError) as e:
-        raise SystemExit(f"eagle2: {e}")
+        raise SystemExit(f"eagle2 generate: --prompts: {e}")
+
+
+def check_model_args(args, command: str, needs_head: bool) -> None:
+    """The model flags, checked before anything loads: device, a head for a non-default target."""
+    from .api import check_device
+
+    try:
+        check_device(args.device)
+    except ValueError as e:
+        raise SystemExit(f"eagle2 {command}: --{e}")
+    if needs_head and args.target is not None and args.draft is None:
+        raise SystemExit(f"eagle2 {command}: --target {args.target} has no shipped draft head: give --draft HEAD "
+                         "(an EAGLE-1/2 head folder), or --method vanilla / hf")
 
 
 def run_generate(args) -> int:
     if (args.prompt is None) == (args.prompts is None):
         raise SystemExit("eagle2 generate: give either a PROMPT or --prompts FILE.jsonl")
-    if args.limit is not None and args.limit < 1:
-        raise SystemExit("eagle2 generate: --limit must be >= 1")
-    if args.batch_size < 1:
-        raise SystemExit("eagle2 generate: --batch-size must be >= 1")
+    if args.prompt is not None and not args.prompt.strip():
+        raise SystemExit("eagle2 generate: PROMPT is empty")
+    for flag, value, lo in (("--limit", args.limit, 1), ("--batch-size", args.batch_size, 1),
+                            ("--max-new-tokens", args.max_new_tokens, 1)):
+        if value is not None and value < lo:
+            raise SystemExit(f"eagle2 generate: {flag}: expected an int >= {lo}, got {value}")
+    if args.seed is not None and not 0 <= args.seed < 2**63:
+        raise SystemExit(f"eagle2 generate: --seed: expected an int in [0, 2**63), got {args.seed}")
+    from .generate import Sampling
+
+    try:
+        Sampling(args.temperature, args.top_p, args.top_k)
+    except ValueError as e:  # "top_p: expected ..." -> "--top-p: expected ..."
+        name, rest = str(e).split(":", 1)
+        raise SystemExit(f"eagle2 generate: --{name.replace('_', '-')}:{rest}")
     try:
         spec = tree_shape_spec(args)
     except ValueError as e:
         raise SystemExit(f"eagle2 generate: {e}")
     m, d, b = ("auto", None, None) if spec == "auto" else spec or (None, None, None)
     items = [("0", args.prompt)] if args.prompt is not None else read_prompts(args.prompts, args.limit)
-
-    import torch
+    if not items:
+        raise SystemExit(f"eagle2 generate: {args.prompts} holds no prompts")
+    check_model_args(args, "generate", needs_head=args.method == "eagle2")
 
     from .api import load
 
     try:
-        gen = load(args.target, args.draft, dtype=getattr(torch, args.dtype), device=args.device)
+        gen = load(args.target, args.draft, dtype=args.dtype, device=args.device)
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"eagle2 generate: {e}")
+    if args.retune:
+        from .autotune import forget
+
+        forget(gen)
+        m = "auto" if spec is None else m
     opts = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                 seed=args.seed, method=args.method, total_tokens=m, depth=d, branching=b)
     streaming = not args.json and args.batch_size == 1 and args.method != "hf"

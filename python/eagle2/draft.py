@@ -182,7 +182,12 @@ class DraftHead(nn.Module):
         cfg_file = path / "config.json"
         if not cfg_file.is_file():
             raise ValueError(f"draft head: {cfg_file} not found")
-        raw = json.loads(cfg_file.read_text())
+        try:
+            raw = json.loads(cfg_file.read_text())
+        except (OSError, ValueError) as e:
+            raise ValueError(f"draft head: {cfg_file} is not readable JSON ({e})") from None
+        if not isinstance(raw, dict):
+            raise ValueError(f"draft head: {cfg_file} holds {type(raw).__name__}, expected a JSON object")
         state = _read_weights(path)
         bias = raw.get("bias", "fc.bias" in state)
         config = LlamaConfig(**{k: v for k, v in raw.items() if k not in ("architectures", "bias", "torch_dtype", "dtype")})
@@ -280,11 +285,14 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
     for name in WEIGHT_FILES:
         f = path / name
         if f.is_file():
-            if name.endswith(".safetensors"):
-                from safetensors.torch import load_file
+            try:
+                if name.endswith(".safetensors"):
+                    from safetensors.torch import load_file
 
-                return load_file(str(f))
-            return torch.load(f, map_location="cpu", weights_only=True)
+                    return load_file(str(f))
+                return torch.load(f, map_location="cpu", weights_only=True)
+            except Exception as e:  # a truncated or foreign file: safetensors and pickle raise various types
+                raise ValueError(f"draft head: {f} cannot be read ({type(e).__name__}: {e})") from None
     raise ValueError(f"draft head: no weights in {path} (expected one of {', '.join(WEIGHT_FILES)})")
 
 

@@ -22,6 +22,7 @@ from torch.overrides import TorchFunctionMode
 import eagle2_kernels
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_force_blas = False  # set only inside blas_linears()
 
 
 class _SkinnyLinears(TorchFunctionMode):
@@ -45,9 +46,21 @@ def _cpu_kernels() -> bool:
     return eagle2_kernels.backends()["cpu"] == "available"
 
 
-def skinny_linears(device: torch.device | str, enabled: bool = True):
+def skinny_linears(device: torch.device | str):
     """Context manager: inside it, linear layers on `device` run on skinny_linear when it is the
-    CPU (and `enabled`); a no-op on other devices, where the BLAS already streams weights once."""
-    if enabled and torch.device(device).type == "cpu" and _cpu_kernels():
+    CPU (unless inside `blas_linears`); a no-op on other devices, where the BLAS already streams
+    weights once."""
+    if not _force_blas and torch.device(device).type == "cpu" and _cpu_kernels():
         return _SkinnyLinears()
     return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def blas_linears():
+    """Inside it, our forwards keep the BLAS for every linear layer (benchmarks compare the two)."""
+    global _force_blas
+    saved, _force_blas = _force_blas, True
+    try:
+        yield
+    finally:
+        _force_blas = saved

@@ -130,8 +130,12 @@ def load_target(path: str | os.PathLike | None = None, dtype: torch.dtype = torc
                                 "local checkpoints only; pass None for the embedded default)")
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"{str(folder)!r} has no config.json: not a Hugging Face checkpoint folder")
-    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True)
+    except Exception as e:  # a bad config.json or weights file: transformers and safetensors raise many types
+        raise ValueError(f"target model folder {str(folder)!r} cannot be loaded: {type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''}") from e
     return model.to(device).eval(), tokenizer
 
 

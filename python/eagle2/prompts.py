@@ -11,6 +11,8 @@ def read_records(path: str | Path) -> list[dict]:
     """Every record of a JSONL prompt file; a line that is not an object with a string
     'prompt' is a ValueError naming the file and line."""
     path = Path(path)
+    if path.is_dir():
+        raise FileNotFoundError(f"prompt file {str(path)!r} is a folder, not a JSONL file")
     if not path.is_file():
         raise FileNotFoundError(f"prompt file {str(path)!r} does not exist")
     records = []

@@ -91,8 +91,7 @@ def load_sequences(target, data_dir: str | Path, target_tag: str, max_len: int,
                 raise ValueError(f"{path} does not match its data shard {shard}: delete it to recompute")
             feats, argmax = t["features"], t["argmax"]
         else:
-            with torch.autocast(target.device.type, dtype=torch.bfloat16, enabled=precision == "bfloat16"):
-                feats, argmax = _features_of(target, convs, tokens_per_batch)
+            feats, argmax = _features_of(target, convs, tokens_per_batch, precision)
             save_file({"features": feats, "argmax": argmax, "lengths": lengths}, str(path.with_suffix(".tmp")))
             os.replace(path.with_suffix(".tmp"), path)
             done_tokens += int(lengths.sum())
@@ -103,7 +102,7 @@ def load_sequences(target, data_dir: str | Path, target_tag: str, max_len: int,
     return out
 
 
-def _features_of(target, convs: list[Conversation], tokens_per_batch: int):
+def _features_of(target, convs: list[Conversation], tokens_per_batch: int, precision: str = "float32"):
     """Concatenated float16 features [sum n, h] and int32 argmax [sum n] of `convs`, in order."""
     order = sorted(range(len(convs)), key=lambda i: len(convs[i].input_ids))
     feats, argmax = [None] * len(convs), [None] * len(convs)
@@ -112,7 +111,8 @@ def _features_of(target, convs: list[Conversation], tokens_per_batch: int):
         ids = torch.zeros(len(batch), width, dtype=torch.long)
         for r, i in enumerate(batch):
             ids[r, :len(convs[i].input_ids)] = convs[i].input_ids
-        h, a = target_features(target, ids.to(target.device))
+        with torch.autocast(target.device.type, dtype=torch.bfloat16, enabled=precision == "bfloat16"):
+            h, a = target_features(target, ids.to(target.device))
         for r, i in enumerate(batch):
             n = len(convs[i].input_ids)
             feats[i], argmax[i] = h[r, :n].half().cpu(), a[r, :n].int().cpu()

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from loop_helpers import cheat_head, ragged_prompts, tiny_target
 
+import eagle2
 from eagle2 import Generator, TreeShape
 from eagle2 import autotune as at
 
@@ -148,6 +149,7 @@ def fast_tuning(monkeypatch, tmp_path):
 def test_cache_round_trip_and_forget(gen, fast_tuning):
     calls, root = fast_tuning
     at.forget(gen)
+    assert at.tuned_shape(gen, measure=False) is None and calls == {"costs": 0, "acceptance": 0}
     first = at.tuned_shape(gen)
     assert calls == {"costs": 1, "acceptance": 1}
     files = sorted((root / "autotune").glob("*.json"))
@@ -157,8 +159,10 @@ def test_cache_round_trip_and_forget(gen, fast_tuning):
     assert at.tuned_shape(fresh) == first and calls == {"costs": 1, "acceptance": 1}  # read back from disk
     saved = json.loads(files[1].read_text())
     assert saved["key"]["threads"] >= 1 and "machine" in saved["key"]
-    assert at.Costs(**saved["data"]) == at._cached(saved["key"], None, at.Costs)
-    at.tuned_shape(fresh, temperature=1.0)  # another temperature: new acceptance, same costs
+    assert at.Costs(**saved["data"]) == at._load(saved["key"], at.Costs)
+    at.tuned_shape(fresh, temperature=1.0)  # sampling: new acceptance, same costs
+    assert calls == {"costs": 1, "acceptance": 2}
+    at.tuned_shape(fresh, temperature=0.7)  # every temperature > 0 shares the sampling measurement
     assert calls == {"costs": 1, "acceptance": 2}
     files[1].write_text("{not json")  # a corrupt file is measured again
     at._MEMO.clear()
@@ -166,6 +170,18 @@ def test_cache_round_trip_and_forget(gen, fast_tuning):
     assert calls["costs"] == 2
     at.forget(fresh)
     assert list((root / "autotune").glob("*.json")) == []
+
+
+def test_untuned_auto_uses_the_default_shape_without_measuring(gen, fast_tuning, capsys):
+    calls, _ = fast_tuning
+    at.forget(gen)
+    untuned = Generator(gen.model, head=gen.head, shape="auto")
+    assert untuned.tree_shape() == eagle2.DEFAULT_SHAPE
+    assert untuned.tree_shape(depth=2) == TreeShape(eagle2.DEFAULT_SHAPE.total_tokens, 2, eagle2.DEFAULT_SHAPE.branching)
+    assert calls == {"costs": 0, "acceptance": 0}
+    assert capsys.readouterr().err.count("eagle2 tune") == 1  # said once
+    untuned.tree_shape(total_tokens="auto")  # asked for: measured now
+    assert calls == {"costs": 1, "acceptance": 1}
 
 
 def test_auto_shape_decodes_exactly(gen, fast_tuning):

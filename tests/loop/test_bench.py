@@ -143,6 +143,6 @@ def test_cli_end_to_end(folders, capsys):
 def test_cli_errors(folders):
     base = ["bench", "--prompts", str(folders / "prompts.jsonl")]
     for extra, msg in ((["--methods", "bogus"], "unknown method"), (["--limit", "0"], "--limit"),
-                       (["--total-tokens", "auto", "--depth", "3"], "auto"), (["--total-tokens", "x"], "int or 'auto'")):
+                       (["--total-tokens", "auto", "--depth", "3"], "auto"), (["--total-tokens", "x"], "int >= 1 or 'auto'")):
         with pytest.raises(SystemExit, match=msg):
             main(base + extra)

@@ -61,14 +61,28 @@ def test_limit_and_streamed_text(folders, capsys):
 @pytest.mark.parametrize("argv, message", [
     (["generate"], "either a PROMPT or --prompts"),
     (["generate", "hi", "--prompts", "x.jsonl"], "either a PROMPT or --prompts"),
-    (["generate", "--prompts", "PROMPTS", "--limit", "0"], "--limit must be >= 1"),
+    (["generate", "--prompts", "PROMPTS", "--limit", "0"], "--limit: expected an int >= 1, got 0"),
     (["generate", "--prompts", "BAD"], "BAD:2: expected an object with a string 'prompt' field"),
     (["generate", "hi", "--temperature", "-1"], "temperature"),
     (["generate", "hi", "--topk", "0"], "topk"),
+    (["generate", "hi", "--top-p", "1.5"], r"--top-p: expected a float in \(0, 1\]"),
+    (["generate", "hi", "--max-new-tokens", "0"], "--max-new-tokens: expected an int >= 1, got 0"),
+    (["generate", "hi", "--seed", str(2**70)], r"--seed: expected an int in \[0, 2\*\*63\)"),
+    (["generate", "hi", "--total-tokens", "0"], "--total-tokens: expected an int >= 1 or 'auto'"),
+    (["generate", "hi", "--topk", "100000"], "branching: expected at most 49152"),
+    (["generate", "   "], "PROMPT is empty"),
+    (["generate", "--prompts", "EMPTY"], "holds no prompts"),
+    (["generate", "--prompts", "MISSING"], "--prompts: prompt file .* does not exist"),
+    (["generate", "--prompts", "FOLDER"], "--prompts: prompt file .* is a folder"),
+    (["generate", "hi", "--device", "gpu0"], "--device: expected 'cpu', 'cuda' or 'cuda:N', got 'gpu0'"),
+    (["generate", "hi", "--device", "meta"], "--device: expected 'cpu', 'cuda' or 'cuda:N', got 'meta'"),
 ])
 def test_bad_input_is_a_clear_error(folders, argv, message):
     (folders / "bad.jsonl").write_text('{"prompt": "ok"}\n{"text": "no prompt"}\n')
-    argv = [{"PROMPTS": str(folders / "prompts.jsonl"), "BAD": str(folders / "bad.jsonl")}.get(a, a) for a in argv]
+    (folders / "empty.jsonl").write_text("\n")
+    names = {"PROMPTS": folders / "prompts.jsonl", "BAD": folders / "bad.jsonl", "EMPTY": folders / "empty.jsonl",
+             "MISSING": folders / "missing.jsonl", "FOLDER": folders}
+    argv = [str(names[a]) if a in names else a for a in argv]
     with pytest.raises(SystemExit, match=message.replace("BAD", ".*bad.jsonl")):
         main(argv + base(folders))
 
@@ -85,6 +99,49 @@ def test_help_lists_the_subcommands(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     assert "generate" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the message without a GPU")
+def test_cuda_without_a_gpu_is_refused_before_loading(folders):
+    with pytest.raises(SystemExit, match="torch sees no CUDA device"):
+        main(["generate", "hi", "--device", "cuda", *base(folders)])
+
+
+def test_target_without_draft_names_the_flags(folders):
+    with pytest.raises(SystemExit, match="give --draft HEAD .* or --method vanilla"):
+        main(["generate", "hi", "--target", str(folders / "target")])
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+@pytest.mark.parametrize("which", ["draft", "target"])
+def test_unreadable_checkpoints_are_clear_errors(folders, tmp_path, which, damage):
+    import shutil
+
+    broken = tmp_path / which
+    shutil.copytree(folders / ("head" if which == "draft" else "target"), broken)
+    weights = broken / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"\x00garbage" * 100)
+    argv = ["generate", "hi", *base(folders)]
+    argv[argv.index(str(folders / ("head" if which == "draft" else "target")))] = str(broken)
+    with pytest.raises(SystemExit, match="cannot be (read|loaded)"):
+        main(argv)
+
+
+def test_bad_config_json_is_a_clear_error(folders, tmp_path):
+    import shutil
+
+    shutil.copytree(folders / "head", tmp_path / "head")
+    (tmp_path / "head" / "config.json").write_text("{not json")
+    with pytest.raises(SystemExit, match="config.json is not readable JSON"):
+        main(["generate", "hi", "--target", str(folders / "target"), "--draft", str(tmp_path / "head"),
+              "--dtype", "float64"])
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.startswith("eagle2 ")
 
 
 def test_mismatched_draft_is_refused(folders, tmp_path):

