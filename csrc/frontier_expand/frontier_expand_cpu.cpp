@@ -72,9 +72,42 @@ float chunk_exp_sum(const float* buf, float max) {
   return sum;
 }
 
+// Above this k the sorted-list insertion (O(k) per candidate, so O(V k) a row) loses to one
+// partial sort of the whole row (O(V + k log k)).
+constexpr int64_t kListMaxK = 32;
+
+// The k best of values[0, n) (ranks_before order: higher value, then lower index) into
+// (vals, idx), best first; empty slots (k > n) keep (-inf, kNoIndex).
+void topk_partial_sort(const float* values, int64_t n, int64_t k, float* vals, int32_t* idx) {
+  std::vector<int32_t> order(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) order[size_t(i)] = int32_t(i);
+  const auto better = [values](int32_t a, int32_t b) { return ranks_before(values[a], a, values[b], b); };
+  const int64_t top = std::min(k, n);
+  if (top < n) std::nth_element(order.begin(), order.begin() + top, order.end(), better);
+  std::sort(order.begin(), order.begin() + top, better);
+  for (int64_t j = 0; j < k; ++j) {
+    vals[j] = j < top ? values[order[size_t(j)]] : kNegInf;
+    idx[j] = j < top ? order[size_t(j)] : fe::kNoIndex;
+  }
+}
+
 // Top-k of one row by logit into (vals, toks), best first; returns the row's log-sum-exp.
 template <int kDType>
 float scan_row(const void* row, int64_t V, int64_t k, float* vals, int32_t* toks) {
+  if (k > kListMaxK) {  // large k: the row sanitised once, then one partial sort
+    std::vector<float> all(static_cast<size_t>(V));
+    fe::LogSumExp lse;
+    float buf[kChunk];
+    for (int64_t c = 0; c < V; c += kChunk) {
+      const int n = int(std::min<int64_t>(kChunk, V - c));
+      for (int j = 0; j < n; ++j) buf[j] = all[size_t(c + j)] = sanitize(load_float(row, kDType, c + j));
+      std::fill(buf + n, buf + kChunk, kNegInf);
+      lse.raise_max(chunk_max(buf));
+      if (lse.max != kNegInf) lse.sum += chunk_exp_sum(buf, lse.max);
+    }
+    topk_partial_sort(all.data(), V, k, vals, toks);
+    return lse.value();
+  }
   std::fill(vals, vals + k, kNegInf);
   std::fill(toks, toks + k, fe::kNoIndex);
   fe::LogSumExp lse;
@@ -139,6 +172,10 @@ void frontier_expand_cpu(const void* logits, int dtype, const float* parent_scor
   for (int64_t b = 0; b < B; ++b) {
     float* vals = frontier_scores + b * k;
     int32_t* idx = frontier_index + b * k;
+    if (k > kListMaxK) {
+      topk_partial_sort(child_scores + b * n, n, k, vals, idx);
+      continue;
+    }
     std::fill(vals, vals + k, kNegInf);
     std::fill(idx, idx + k, fe::kNoIndex);
     for (int64_t c = 0; c < n; ++c) fe::topk_insert(vals, idx, int(k), child_scores[b * n + c], int32_t(c));

@@ -38,9 +38,9 @@ def frontier_expand(
     B, K, V = logits.shape
     dev = logits.device
     check.tensor("parent_scores", parent_scores, dtypes=check.SCORE, shape=(B, K), device=dev)
+    if B == 0 or K == 0 or V == 0:
+        check.fail("logits", "B, K and V (the vocabulary) >= 1", tuple(logits.shape))
     check.integer("k", k, 1, V)
-    if B == 0 or K == 0:
-        check.fail("logits", "B >= 1 and K >= 1", tuple(logits.shape))
     like = {
         "child_tokens": ((B, K, k), torch.int32, dev),
         "child_scores": ((B, K, k), torch.float32, dev),

@@ -77,6 +77,8 @@ def _rerank(cand_scores: torch.Tensor, cand_parents: torch.Tensor, cand_tokens: 
     B, N = cand_scores.shape
     L = paths.shape[2]
     dev = cand_scores.device
+    if dev.type == "cpu" and bool((prefix_len < 0).any()):  # data checks: CPU tensors only (no host sync)
+        check.fail("prefix_len", "values >= 0 (the root's position)", prefix_len.tolist())
     if dev.type == "cpu" and N:  # data checks cost a host sync on a GPU; the kernels stay in bounds anyway
         idx = torch.arange(N, dtype=torch.int32)
         bad = (cand_parents < -1) | (cand_parents >= idx)

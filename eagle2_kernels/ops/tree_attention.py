@@ -45,6 +45,8 @@ def tree_attention(
     if Hkv == 0 or Hq % Hkv:
         check.fail("k_cache", f"a KV head count dividing Hq = {Hq}", Hkv)
     check.tensor("tree_mask_bits", tree_mask_bits, dtypes=check.INDEX, shape=(B, n, None), device=dev)
+    if tree_mask_bits.shape[2] == 0:
+        check.fail("tree_mask_bits", "at least 1 word per query ([B, n, W], W >= 1)", tuple(tree_mask_bits.shape))
     check.tensor("prefix_len", prefix_len, dtypes=check.INDEX, shape=(B,), device=dev)
     if B == 0 or d == 0:
         check.fail("q", "B >= 1 and d >= 1", tuple(q.shape))

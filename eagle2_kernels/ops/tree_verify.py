@@ -59,10 +59,12 @@ def tree_verify(
     top_k = check.integer("top_k", top_k, 0)
     L = (m - 1 if max_depth is None else check.integer("max_depth", max_depth, 0)) + 1
     sampling = temperature > 0.0
-    if sampling:
-        if uniforms is None:
-            uniforms = torch.rand((B, m), generator=generator, device=dev)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        check.fail("generator", "a torch.Generator or None", type(generator).__name__)
+    if uniforms is not None:  # checked in greedy mode too, where it is not used: a wrong one is a bug
         check.tensor("uniforms", uniforms, dtypes=check.SCORE, shape=(B, m), device=dev)
+    if sampling and uniforms is None:
+        uniforms = torch.rand((B, m), generator=generator, device=dev)
     like = {
         "accepted": ((B, L), torch.int32, dev),
         "accept_len": ((B,), torch.int32, dev),
@@ -83,6 +85,8 @@ def _tree_verify(tokens: torch.Tensor, parents: torch.Tensor, target_logits: tor
     exactly when sampling), into its outputs."""
     B, m, V = target_logits.shape
     dev = tokens.device
+    if dev.type == "cpu" and uniforms is not None and not bool(((uniforms >= 0) & (uniforms < 1)).all()):
+        check.fail("uniforms", "values in [0, 1)", float(uniforms[~((uniforms >= 0) & (uniforms < 1))][0]))  # NaN too
     if dev.type == "cpu":
         idx = torch.arange(m, dtype=torch.int32)
         bad = ((parents < -1) | (parents >= idx))[:, 1:]

@@ -87,6 +87,33 @@ def test_long_rows(backend, dtype, k):
 
 
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"])
+@pytest.mark.parametrize("k", [33, 200, 3000])
+def test_large_k(backend, k):
+    """k past the sorted-list limit (one partial sort per row): the same answer, ties included."""
+    dev = device_of(backend)
+    g = torch.Generator().manual_seed(k)
+    logits = (torch.randn(2, 2, 3001, generator=g) * 2).round().to(dev)  # many ties
+    logits[1, 0, ::7] = float("nan")
+    parents = torch.randn(2, 2, generator=g).to(dev)
+    check(ek.frontier_expand(logits, parents, k, backend=backend), logits, parents, k)
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b == "cpu"])
+def test_large_k_is_near_linear(backend):
+    """k = 32000 of a 49152-token vocabulary: one partial sort, not k insertions per token (that
+    took minutes). Generous bound: the reference's own time, times 20."""
+    import time
+
+    logits, parents = torch.randn(1, 1, 49152), torch.zeros(1, 1)
+    start = time.perf_counter()
+    reference.frontier_expand(logits, parents, 32000)
+    ref_s = time.perf_counter() - start
+    start = time.perf_counter()
+    ek.frontier_expand(logits, parents, 32000, backend=backend)
+    assert time.perf_counter() - start < 20 * ref_s + 1.0
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"])
 def test_bench_shape(backend):
     """The paper's K = k = 10 over a Llama-3 vocabulary, B = 2 (threads on the CPU)."""
     dev = device_of(backend)
@@ -159,9 +186,10 @@ def test_triton_kernels_compile_for_sm90():
     (lambda: (torch.randn(1, 2, 5), torch.zeros(1, 2), 2.0), "k: expected an int"),
     (lambda: (torch.randn(1, 5, 2).transpose(1, 2), torch.zeros(1, 2), 2), "logits: expected a contiguous"),
     (lambda: (torch.randn(1, 2, 5), torch.zeros(1, 4)[:, ::2], 2), "parent_scores: expected a contiguous"),
-    (lambda: (torch.randn(0, 2, 5), torch.zeros(0, 2), 2), "logits: expected B >= 1"),
+    (lambda: (torch.randn(0, 2, 5), torch.zeros(0, 2), 2), r"logits: expected B, K and V \(the vocabulary\) >= 1"),
+    (lambda: (torch.randn(1, 2, 0), torch.zeros(1, 2), 1), r"logits: expected B, K and V \(the vocabulary\) >= 1"),
 ], ids=["f64", "int", "2d", "parent-shape", "parent-dtype", "k>V", "k=0", "k-float", "noncontig", "parent-noncontig",
-        "empty"])
+        "empty", "V=0"])
 def test_bad_input_raises(make, match):
     logits, parents, k = make()
     with pytest.raises(ValueError, match=match):

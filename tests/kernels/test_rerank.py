@@ -256,6 +256,7 @@ def good_inputs():
     ("cand_tokens", lambda a: dict(a, cand_tokens=a["cand_tokens"][:1])),
     ("root_tokens", lambda a: dict(a, root_tokens=a["root_tokens"].float())),
     ("prefix_len", lambda a: dict(a, prefix_len=a["prefix_len"][:1])),
+    ("prefix_len", lambda a: dict(a, prefix_len=a["prefix_len"] - 1)),
     ("max_depth", lambda a: dict(a, m=13, max_depth=1)),  # 13 nodes of a depth-3 tree
 ])
 def test_bad_input_raises(backend, name, bad):

@@ -201,3 +201,6 @@ def test_bad_inputs_cpu():
         ek.tree_attention(q, k, v, bits, torch.tensor([S + 1], dtype=torch.int32), backend="cpu")
     with pytest.raises(ValueError, match="tree_mask_bits"):
         ek.tree_attention(q, k, v, bits.long(), prefix_len, backend="cpu")
+    for backend in ("cpu", "reference"):  # a zero-width mask: refused alike by every backend
+        with pytest.raises(ValueError, match="tree_mask_bits: expected at least 1 word"):
+            ek.tree_attention(q, k, v, bits[:, :, :0], prefix_len, backend=backend)

@@ -276,6 +276,12 @@ def good_args():
         (dict(target_logits=torch.randn(1, 4, 8)), "target_logits"),
         (dict(target_logits=torch.randn(3, 8)), "target_logits"),
         (dict(target_logits=torch.zeros(1, 3, 8, dtype=torch.int32)), "target_logits"),
+        (dict(uniforms=torch.tensor([[0.5, 1.0, 0.2]])), "uniforms"),  # outside [0, 1)
+        (dict(uniforms=torch.tensor([[0.5, -0.1, 0.2]])), "uniforms"),
+        (dict(uniforms=torch.tensor([[0.5, float("nan"), 0.2]])), "uniforms"),
+        (dict(temperature=0.0, uniforms=torch.rand(2, 3)), "uniforms"),  # wrong shape, even when greedy
+        (dict(uniforms=None, generator=123), "generator"),
+        (dict(target_logits=torch.randn(1, 3, 0)), "target_logits"),
     ],
 )
 def test_bad_input_names_the_argument(change, name):
