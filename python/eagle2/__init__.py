@@ -10,6 +10,8 @@ eagle2.draft). `Generator.generate` decodes a batch of prompts (ragged lengths a
 method "eagle2" (speculative), "vanilla" (plain decoding in the same loop) or "hf"
 (transformers' own generate). Greedy EAGLE-2 output equals plain greedy decoding; sampling
 preserves the target's distribution (temperature, then top_k, then top_p).
+`model.generate(..., custom_generate=eagle2.custom_generate, draft_head=head)` runs EAGLE-2
+behind transformers' own generate.
 
 The names below are imported on first use, so that `import eagle2` (and `eagle2 --help`)
 does not pay for torch and transformers until they are needed.
@@ -20,7 +22,7 @@ import importlib
 
 _EXPORTS = {
     "DEFAULT_SHAPE": "api", "Generator": "api", "Result": "api", "load": "api",
-    "DraftHead": "draft", "Sampling": "generate", "TreeShape": "tree",
+    "DraftHead": "draft", "Sampling": "generate", "TreeShape": "tree", "custom_generate": "transformers_generate",
 }
 __all__ = sorted([*_EXPORTS, "__version__"])
 __version__ = "0.2.0"

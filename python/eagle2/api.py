@@ -2,8 +2,11 @@
 `Generator.generate` prompts into `Result`s (re-exported by the eagle2 package)."""
 from __future__ import annotations
 
+import os
 import sys
+import threading
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,8 +58,9 @@ class Generator:
             head.attach(model)
         self.eos_ids = frozenset(eos_ids(model, tokenizer) if eos_token_ids is None else eos_token_ids)
 
-    def encode(self, prompt: str | list[int]) -> list[int]:
-        """A str is one user turn in the chat template; a list of ints is used as is."""
+    def encode(self, prompt: str | list[int], chat: bool = True) -> list[int]:
+        """A str is one user turn in the chat template (chat=False: the plain text, with the
+        tokenizer's usual special tokens); a list of ints is used as is."""
         if isinstance(prompt, str):
             if not prompt.strip():
                 raise ValueError("prompts: an empty prompt (nothing to answer)")
@@ -64,21 +68,24 @@ class Generator:
                 raise ValueError("prompts: text needs a tokenizer; pass token id lists instead")
             from .model import chat_prompt_ids
 
-            return chat_prompt_ids(self.tokenizer, prompt)
+            return chat_prompt_ids(self.tokenizer, prompt) if chat else list(self.tokenizer(prompt).input_ids)
         if not isinstance(prompt, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
             raise ValueError(f"prompts: expected str or list of int token ids, got {type(prompt).__name__}")
         return list(prompt)
 
     def generate(self, prompts, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
                  top_k: int = 0, seed: int | None = None, method: str = "eagle2", total_tokens: int | str | None = None,
-                 depth: int | None = None, branching: int | None = None, stream=None, topk: int | None = None) -> list[Result]:
+                 depth: int | None = None, branching: int | None = None, stream=None, stop: list[str] | None = None,
+                 chat: bool = True, streamer=None, topk: int | None = None) -> list[Result]:
         """Decode a batch of prompts (str or token-id lists, or a single str).
 
         method: "eagle2" | "vanilla" | "hf". total_tokens / depth / branching override the tree
         shape (see `tree_shape`); top_k is the sampling top-k (0 = off), unrelated to the tree.
-        seed makes sampling reproducible. stream(index, new_token_ids) is called as tokens are
-        committed (eagle2 and vanilla). topk is the deprecated name of branching.
-        Returns one Result per prompt, in order.
+        seed makes sampling reproducible. stop: strings that end an output (kept in it, as
+        transformers does). chat=False: text prompts without the chat template.
+        stream(index, new_token_ids) is called as tokens are committed (eagle2 and vanilla);
+        streamer: a transformers streamer (TextStreamer, TextIteratorStreamer: put/end) for a
+        single prompt. topk is the deprecated name of branching. Returns one Result per prompt.
         """
         if method not in METHODS:
             raise ValueError(f"method: expected one of {', '.join(METHODS)}, got {method!r}")
@@ -90,9 +97,16 @@ class Generator:
             raise ValueError(f"seed: expected an int in [0, 2**63) or None, got {seed!r}")
         if isinstance(prompts, str):
             prompts = [prompts]
-        ids = [self.encode(p) for p in prompts]
+        ids = [self.encode(p, chat) for p in prompts]
         sampling = Sampling(temperature, top_p, top_k)
+        stop_at = self._stop_strings(stop)
+        if streamer is not None:
+            if len(ids) != 1 or stream is not None:
+                raise ValueError("streamer: expected a single prompt and no stream callback")
+            stream = lambda row, new: streamer.put(torch.tensor([new]))  # noqa: E731
         if method == "hf":
+            if stop_at is not None or stream is not None:
+                raise ValueError("method 'hf': stop strings and streaming are for 'eagle2' and 'vanilla'")
             pad = getattr(self.tokenizer, "pad_token_id", None)
             rows = hf_generate(self.model, ids, max_new_tokens, sampling=sampling, eos_ids=self.eos_ids, pad_id=pad, seed=seed)
             return [self._result(r) for r in rows]
@@ -105,9 +119,53 @@ class Generator:
             if shape.branching > vocab:
                 raise ValueError(f"branching: expected at most {vocab} (the draft head's vocabulary), "
                                  f"got {shape.branching}")
-        rows = decode(self.model, ids, max_new_tokens, head=head, shape=shape, sampling=sampling,
-                      eos_ids=self.eos_ids, seed=seed, stream=stream)
+        try:
+            rows = decode(self.model, ids, max_new_tokens, head=head, shape=shape, sampling=sampling,
+                          eos_ids=self.eos_ids, seed=seed, stream=stream, stop_at=stop_at)
+        finally:
+            if streamer is not None:
+                streamer.end()
         return [self._result(r) for r in rows]
+
+    def stream_text(self, prompt, **kwargs) -> Iterator[str]:
+        """generate() for one prompt, as an iterator of text pieces while tokens are committed
+        (decoding runs in a background thread; the arguments are generate's)."""
+        from transformers import TextIteratorStreamer
+
+        if self.tokenizer is None:
+            raise ValueError("stream_text needs a tokenizer")
+        streamer = TextIteratorStreamer(self.tokenizer, skip_special_tokens=True)
+        errors = []
+
+        def run():
+            try:
+                self.generate(prompt, streamer=streamer, **kwargs)
+            except BaseException as e:  # handed to the consumer below
+                errors.append(e)
+                streamer.end()
+
+        worker = threading.Thread(target=run, daemon=True)
+        worker.start()
+        yield from streamer
+        worker.join()
+        if errors:
+            raise errors[0]
+
+    def _stop_strings(self, stop):
+        """stop_at(tokens) -> how many tokens to keep (through the first stop string), or None."""
+        if stop is None:
+            return None
+        if isinstance(stop, str) or not all(isinstance(x, str) and x for x in stop):
+            raise ValueError(f"stop: expected a list of non-empty strings, got {stop!r}")
+        if self.tokenizer is None:
+            raise ValueError("stop: stop strings need a tokenizer")
+        decode = lambda t: self.tokenizer.decode(t, skip_special_tokens=True)  # noqa: E731
+
+        def stop_at(tokens: list[int]) -> int | None:
+            if not any(x in decode(tokens) for x in stop):
+                return None
+            return next(n for n in range(1, len(tokens) + 1) if any(x in decode(tokens[:n]) for x in stop))
+        return stop_at
 
     def tree_shape(self, temperature: float = 0.0, total_tokens: int | str | None = None, depth: int | None = None,
                    branching: int | None = None) -> TreeShape:
@@ -120,7 +178,7 @@ class Generator:
         given = {"total_tokens": total_tokens, "depth": depth, "branching": branching}
         TreeShape(**{k: 1 if v in (None, "auto") else v for k, v in given.items()})  # bad values fail before tuning
         base = self.shape
-        if total_tokens == "auto" or base == "auto":
+        if total_tokens == "auto" or (base == "auto" and None in given.values()):
             from .autotune import tuned_shape
 
             base = tuned_shape(self, temperature, measure=total_tokens == "auto") or self._untuned_shape()
@@ -168,23 +226,45 @@ def check_dtype(dtype) -> torch.dtype:
     return dtype
 
 
-def load(target: str | None = None, draft: str | None = None, dtype: torch.dtype | str = torch.float32,
-         device: str | torch.device = "cpu", shape: TreeShape | str = "auto") -> Generator:
-    """Load a target (a local HF checkpoint folder; None = the embedded SmolLM2-135M-Instruct)
-    and a draft head (an EAGLE-1/2 folder; None = the head shipped for the default target, or
-    no head for another target, which then supports only 'vanilla' and 'hf').
+def load(target=None, draft=None, dtype: torch.dtype | str | None = None, device: str | torch.device | None = None,
+         shape: TreeShape | str = "auto", tokenizer=None) -> Generator:
+    """A Generator for a target and a draft head.
 
-    dtype: a torch dtype or its name; device: "cpu", "cuda" or "cuda:N".
+    target: a local HF checkpoint folder, an in-memory transformers causal LM (used as is:
+    nothing is copied), or None for the embedded SmolLM2-135M-Instruct. tokenizer: the
+    tokenizer of an in-memory target (a folder brings its own). draft: an EAGLE-1/2 head folder
+    or DraftHead; None = the head shipped for the default target, or no head for another
+    target, which then supports only 'vanilla' and 'hf'.
+    dtype: a torch dtype or its name (default float32; an in-memory target keeps its own);
+    device: "cpu", "cuda" or "cuda:N" (default: the GPU when torch sees one, else the CPU).
     shape: a TreeShape, or "auto" (default): the shape `eagle2 tune` measured best for this
     machine, model and head (eagle2.autotune; cached), DEFAULT_SHAPE until it has run.
     Raises ValueError for a bad argument and for a checkpoint folder that cannot be read."""
     from .model import load_target
 
-    dtype, device = check_dtype(dtype), check_device(device)
+    in_memory = isinstance(target, torch.nn.Module)
+    if device is None:
+        device = next(target.parameters()).device if in_memory else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = check_device(device)
     if shape != "auto" and not isinstance(shape, TreeShape):
         raise ValueError(f"shape: expected a TreeShape or 'auto', got {shape!r}")
-    model, tokenizer = load_target(target, dtype=dtype, device=device)
+    if in_memory:
+        if not hasattr(target, "get_output_embeddings") or target.get_output_embeddings() is None:
+            raise ValueError(f"target: expected a transformers causal LM, got {type(target).__name__}")
+        model = target.to(device=device, dtype=check_dtype(dtype) if dtype is not None else None).eval()
+    else:
+        if target is not None and not isinstance(target, (str, os.PathLike)):
+            raise ValueError(f"target: expected a folder, a transformers model or None, got {type(target).__name__}")
+        if tokenizer is not None:
+            raise ValueError("tokenizer: only for an in-memory target (a folder brings its own)")
+        model, tokenizer = load_target(target, dtype=check_dtype(dtype or torch.float32), device=device)
+    param = next(model.parameters())
     if draft is None and target is None:
         draft = DEFAULT_HEAD
-    head = DraftHead.from_pretrained(draft, dtype=dtype, device=device) if draft is not None else None
+    if isinstance(draft, DraftHead):
+        head = draft.to(device=param.device, dtype=param.dtype)
+    elif draft is not None:
+        head = DraftHead.from_pretrained(draft, dtype=param.dtype, device=param.device)
+    else:
+        head = None
     return Generator(model, tokenizer, head, shape)

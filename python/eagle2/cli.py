@@ -20,9 +20,13 @@ DTYPES = ("float32", "float16", "bfloat16", "float64")
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the `eagle2` script."""
+    """Entry point of the `eagle2` script. Ctrl-C stops cleanly (exit status 130)."""
     args = build_parser().parse_args(argv)
-    return args.func(args) or 0
+    try:
+        return args.func(args) or 0
+    except KeyboardInterrupt:
+        print("\n[eagle2] interrupted", file=sys.stderr, flush=True)
+        return 130
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="eagle2", description="EAGLE-2 speculative decoding for Hugging Face causal LMs")
     parser.add_argument("--version", action="version", version=f"eagle2 {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_generate, _add_tune, _add_bench, _add_train_data, _add_train):
+    for add in (_add_generate, _add_chat, _add_tune, _add_bench, _add_train_data, _add_train):
         add(sub)
     return parser
 
@@ -83,11 +87,61 @@ def _add_generate(sub) -> None:
     p.add_argument("--seed", type=int, metavar="S")
     _add_tree_args(p)
     _add_model_args(p)
+    p.add_argument("--raw", action="store_true", help="text prompts as plain text, without the chat template")
+    p.add_argument("--stop", action="append", metavar="STRING", help="a string that ends an output (repeatable)")
     p.add_argument("--retune", action="store_true",
                    help="measure the best tree shape for this machine again (eagle2 tune) before generating")
     p.add_argument("--batch-size", type=int, default=1, metavar="B", help="prompts decoded together")
     p.add_argument("--json", action="store_true", help="one JSON object per prompt instead of streamed text")
     p.set_defaults(func=run_generate)
+
+
+def _add_chat(sub) -> None:
+    p = sub.add_parser("chat", help="an interactive multi-turn chat with EAGLE-2 decoding",
+                       description="Multi-turn chat in the target's chat template, answers streamed as they are "
+                                   "decoded. Type a message and Enter; an empty line or Ctrl-D ends the chat.")
+    p.add_argument("--system", help="system prompt")
+    p.add_argument("--max-new-tokens", type=int, default=512, metavar="N")
+    p.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0, metavar="P")
+    _add_tree_args(p)
+    _add_model_args(p)
+    p.set_defaults(func=run_chat)
+
+
+def run_chat(args) -> int:
+    from .generate import Sampling
+
+    try:
+        Sampling(args.temperature, args.top_p)
+        spec = tree_shape_spec(args)
+    except ValueError as e:
+        raise SystemExit(f"eagle2 chat: {e}")
+    check_model_args(args, "chat", needs_head=True)
+    from .api import load
+    from .model import chat_ids
+
+    try:
+        gen = load(args.target, args.draft, dtype=args.dtype, device=args.device)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"eagle2 chat: {e}")
+    m, d, b = ("auto", None, None) if spec == "auto" else spec or (None, None, None)
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    while True:
+        try:
+            user = input("> ")
+        except EOFError:
+            break
+        if not user.strip():
+            break
+        messages.append({"role": "user", "content": user})
+        printer = _TextStream(gen.tokenizer)
+        [r] = gen.generate([chat_ids(gen.tokenizer, messages, generation_prompt=True)], stream=printer,
+                           max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                           total_tokens=m, depth=d, branching=b)
+        print(flush=True)
+        messages.append({"role": "assistant", "content": r.text})
+    return 0
 
 
 def _add_tune(sub) -> None:
@@ -299,7 +353,8 @@ def run_generate(args) -> int:
         forget(gen)
         m = "auto" if spec is None else m
     opts = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                seed=args.seed, method=args.method, total_tokens=m, depth=d, branching=b)
+                seed=args.seed, method=args.method, total_tokens=m, depth=d, branching=b, stop=args.stop,
+                chat=not args.raw)
     streaming = not args.json and args.batch_size == 1 and args.method != "hf"
     for start in range(0, len(items), args.batch_size):
         batch = items[start: start + args.batch_size]

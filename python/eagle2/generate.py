@@ -95,6 +95,7 @@ class Decoder:
     eos_ids: frozenset[int]
     max_new_tokens: int
     stream: object = None  # stream(prompt index, new ids) as tokens are committed
+    stop_at: object = None  # stop_at(tokens) -> tokens to keep when a stop string ends the output, else None
 
     @property
     def context(self) -> int:
@@ -132,15 +133,16 @@ class Batch:
 @torch.inference_mode()
 def decode(model, prompts: list[list[int]], max_new_tokens: int, *, head=None, shape: TreeShape | None = None,
            sampling: Sampling = Sampling(), eos_ids: frozenset[int] = frozenset(), seed: int | None = None,
-           stream=None) -> list[RowResult]:
+           stream=None, stop_at=None) -> list[RowResult]:
     """Generate for a batch of token-id prompts with EAGLE-2 (head and shape given) or plain
-    decoding (head None). stream(row, new_ids) is called as tokens are committed."""
+    decoding (head None). stream(row, new_ids) is called as tokens are committed;
+    stop_at(tokens) -> how many of a row's tokens to keep when they hold a stop, else None."""
     check_prompts(prompts, model.config.max_position_embeddings, model.get_output_embeddings().weight.shape[0])
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens: expected an int >= 1, got {max_new_tokens!r}")
     if head is not None and shape is None:
         raise ValueError("shape: EAGLE-2 decoding needs a TreeShape")
-    dec = Decoder(model, head, shape, sampling, frozenset(eos_ids), max_new_tokens, stream)
+    dec = Decoder(model, head, shape, sampling, frozenset(eos_ids), max_new_tokens, stream, stop_at)
     batch = prefill(dec, prompts, seed)
     while batch.rows:
         tree, _ = speculate(dec, batch)
@@ -262,6 +264,10 @@ def _commit(dec: Decoder, batch: Batch, new: list[list[int]], counts: list[int])
                 toks = toks[: j + 1]
                 res.finished = True
                 break
+        kept = dec.stop_at(res.tokens + toks) if dec.stop_at is not None and toks else None
+        if kept is not None:  # a stop string: the output ends with the token that completes it
+            toks = toks[: kept - len(res.tokens)]
+            res.finished = True
         res.tokens += toks
         if dec.stream is not None and toks:
             dec.stream(r, toks)
