@@ -70,7 +70,7 @@ def test_train_data_shards_are_resumable(tiny_data):
         # the mask covers exactly the answer: one block at the end, after a non-empty prompt
         assert answer[0] > 0 and answer[-1] == len(c.input_ids) - 1
         assert len(answer) == answer[-1] - answer[0] + 1 <= 24
-    with pytest.raises(ValueError, match="other settings"):
+    with pytest.raises(SystemExit, match="other settings"):
         cli.main([*argv[:-2], "--max-new-tokens", "23", "--limit", "40"])
 
 
