@@ -31,7 +31,7 @@ import torch
 
 import eagle2
 import eagle2_kernels
-from eagle2.attention import chain_bits, target_forward
+from eagle2.attention import chain_bits, target_forward, target_logits
 from eagle2.autotune import median_times
 from eagle2.cache import KVCache
 from eagle2.generate import hf_generate
@@ -66,11 +66,11 @@ def target_phases(gen, sizes, repeats: int) -> dict:
         toks, pos, bits = ids(m), PREFIX + torch.arange(m, device=dev)[None], chain_bits(m, 1, dev)
         parents = torch.arange(-1, m - 1, dtype=torch.int32, device=dev)[None]
         feats = target_forward(model, toks, pos, cache, bits, plen)
-        logits = lm_head(feats)
+        logits = target_logits(model, feats)
         res = eagle2_kernels.tree_verify(toks.int(), parents, logits, max_depth=m - 1)
         state[m] = (feats, logits, res)
         fns[(m, "body")] = lambda toks=toks, pos=pos, bits=bits: target_forward(model, toks, pos, cache, bits, plen)
-        fns[(m, "lm_head")] = lambda m=m: lm_head(state[m][0])
+        fns[(m, "lm_head")] = lambda m=m: target_logits(model, state[m][0])
         fns[(m, "tree_verify")] = lambda m=m, toks=toks, parents=parents: eagle2_kernels.tree_verify(
             toks.int(), parents, state[m][1], max_depth=m - 1)
         fns[(m, "kv_compact")] = lambda m=m: eagle2_kernels.kv_compact(cache.data, plen, state[m][2].accepted,

@@ -159,22 +159,51 @@ struct Problem {
 // Per-thread buffers, allocated by the calling thread before any worker starts. Rows are padded
 // to kRowPad and the head dim to kDimPad with zeros, so the tile products need no edge cases.
 struct Scratch {
-  int64_t rows, dim;                 // padded R and d
+  int64_t rows, dim, region;         // padded R, d, and the tree region's keys (branch rows)
   std::vector<float> q, o, s, m, l;  // [rows][dim], [rows][dim], [rows][kTileKeys], [rows], [rows]
   std::vector<float> kt, v;          // K tile transposed [dim][kTileKeys], V tile [kTileKeys][dim]
+  std::vector<float> rkt, rv, rs;    // the same for the tree region: [dim][region], [region][dim], [rows][region]
+  std::vector<int64_t> keys;         // one branch row's visible region keys, in order
+  std::vector<char> branch;          // [rows]: the row's tree keys are not a chain from the region's start
   explicit Scratch(const Problem& p)
       : rows(round_up(p.Hq / p.Hkv * p.n, kRowPad)),
         dim(round_up(p.d, kDimPad)),
+        region(round_up(kTileKeys - 1 + 32 * p.W, kDimPad)),
         q(rows * dim),
         o(rows * dim),
         s(rows * kTileKeys),
         m(rows),
         l(rows),
         kt(dim * kTileKeys),
-        v(kTileKeys * dim) {}
+        v(kTileKeys * dim),
+        rkt(dim * region),
+        rv(region * dim),
+        rs(rows * region),
+        keys(region),
+        branch(rows) {}
 };
 
+// Whether the visible keys among tree keys [0, n) are exactly 0 .. c-1 for some c (a chain: the
+// rows of a prefill, of plain decoding, of a tree's first path): then a key's place in the
+// row's own sequence of visible keys is its slot, and the shared tiles below are canonical.
+E2K_INLINE bool chain_mask(const int32_t* words, int64_t n) {
+  int64_t c = 0;
+  while (c < n && tree_bit(words, c)) ++c;
+  for (int64_t j = c; j < n; ++j)
+    if (tree_bit(words, j)) return false;
+  return true;
+}
+
 // The whole attention of one (batch row, KV head) group; see the file comment.
+//
+// Every query row computes the same float operations as it would for the same sequence of
+// visible keys laid out contiguously (a one-token decode step of the same token): its online
+// softmax runs over tiles of kTileKeys consecutive visible keys, counted from key 0. For the
+// prefix and for chain rows that is what the shared tiles do. A branch row of a tree sees tree
+// keys with gaps: its tiles from the one holding the prefix end on are redone from its own
+// list of visible keys (the shared tiles mask them for it), with the same score, softmax and
+// weighted-sum arithmetic. This is what makes a verify forward's rows bitwise equal to plain
+// decoding's in every dtype (with eagle2_kernels.skinny_linear for the linear layers).
 template <int DT, int64_t kRows, int64_t kLanes, int64_t kCols>
 E2K_INLINE void attend_group(const Problem& P, int64_t b, int64_t kvh, Scratch& w) {
   const int64_t group = P.Hq / P.Hkv, R = group * P.n, d = P.d, rows = w.rows, dim = w.dim;
@@ -182,6 +211,7 @@ E2K_INLINE void attend_group(const Problem& P, int64_t b, int64_t kvh, Scratch& 
   const int64_t kv0 = (b * P.Hkv + kvh) * P.S * d;
   const int32_t p = P.prefix_len[b];
   const TreeKeys keys = tree_keys(p, P.S, P.W);
+  const int64_t tree0 = keys.prefix_end / kTileKeys * kTileKeys;  // the tile holding the prefix end
   float *q = w.q.data(), *o = w.o.data(), *s = w.s.data(), *m = w.m.data(), *l = w.l.data();
   float *kt = w.kt.data(), *v = w.v.data();
 
@@ -190,6 +220,11 @@ E2K_INLINE void attend_group(const Problem& P, int64_t b, int64_t kvh, Scratch& 
   std::fill(o, o + rows * dim, 0.0f);
   std::fill(m, m + rows, kNegInf);
   std::fill(l, l + rows, 0.0f);
+  bool any_branch = false;
+  for (int64_t r = 0; r < R; ++r) {
+    w.branch[r] = !chain_mask(P.bits + (b * P.n + r % P.n) * P.W, keys.key_end - keys.prefix_end);
+    any_branch |= w.branch[r];
+  }
 
   for (int64_t k0 = 0; k0 < keys.key_end; k0 += kTileKeys) {
     const int64_t kb = std::min(kTileKeys, keys.key_end - k0);
@@ -210,16 +245,57 @@ E2K_INLINE void attend_group(const Problem& P, int64_t b, int64_t kvh, Scratch& 
 
     for (int64_t r = 0; r < R; ++r) {
       float* sr = s + r * kTileKeys;
-      const int32_t* words = P.bits + (b * P.n + r % P.n) * P.W;
-      for (int64_t j = 0; j < prefix_keys; ++j) sr[j] *= P.scale;
-      for (int64_t j = prefix_keys; j < kb; ++j) sr[j] = tree_bit(words, k0 + j - p) ? sr[j] * P.scale : kNegInf;
-      std::fill(sr + kb, sr + kTileKeys, kNegInf);
+      if (w.branch[r] && k0 >= tree0) {  // redone below from the row's own key sequence
+        std::fill(sr, sr + kTileKeys, kNegInf);
+      } else {
+        const int32_t* words = P.bits + (b * P.n + r % P.n) * P.W;
+        for (int64_t j = 0; j < prefix_keys; ++j) sr[j] *= P.scale;
+        for (int64_t j = prefix_keys; j < kb; ++j) sr[j] = tree_bit(words, k0 + j - p) ? sr[j] * P.scale : kNegInf;
+        std::fill(sr + kb, sr + kTileKeys, kNegInf);
+      }
       const float corr = softmax_tile_row<kLanes>(sr, m[r], l[r]);
       if (corr != 1.0f)
         for (int64_t c = 0; c < dim; ++c) o[r * dim + c] *= corr;
     }
     // Padding rows (r >= R) have zero q, so zero scores and weights: they add nothing.
     tile_product<kRows, kLanes, kCols>(s, kTileKeys, v, dim, o, dim, rows, dim, kTileKeys);
+  }
+
+  if (any_branch && tree0 < keys.key_end) {
+    // The region's keys [tree0, key_end) once for the group, and every row's scores for them.
+    const int64_t nk = keys.key_end - tree0, region = w.region;
+    float *rkt = w.rkt.data(), *rv = w.rv.data(), *rs = w.rs.data();
+    std::fill(rkt, rkt + dim * region, 0.0f);
+    for (int64_t j = 0; j < nk; ++j) {
+      for (int64_t c = 0; c < d; ++c) {
+        rkt[c * region + j] = load_float(P.k, DT, kv0 + (tree0 + j) * d + c);
+        rv[j * dim + c] = load_float(P.v, DT, kv0 + (tree0 + j) * d + c);
+      }
+    }
+    std::fill(rs, rs + rows * region, 0.0f);
+    tile_product<kRows, kLanes, kCols>(q, dim, rkt, region, rs, region, rows, region, dim);
+    alignas(64) float st[kTileKeys];
+    for (int64_t r = 0; r < R; ++r) {
+      if (!w.branch[r]) continue;
+      const int32_t* words = P.bits + (b * P.n + r % P.n) * P.W;
+      int64_t cnt = 0;  // the row's visible keys of the region, in order: the prefix tail, then its tree keys
+      for (int64_t j = 0; j < nk; ++j)
+        if (tree0 + j < keys.prefix_end || tree_bit(words, tree0 + j - p)) w.keys[cnt++] = j;
+      for (int64_t t0 = 0; t0 < cnt; t0 += kTileKeys) {
+        const int64_t tb = std::min(kTileKeys, cnt - t0);
+        for (int64_t i = 0; i < tb; ++i) st[i] = rs[r * region + w.keys[t0 + i]] * P.scale;
+        std::fill(st + tb, st + kTileKeys, kNegInf);
+        const float corr = softmax_tile_row<kLanes>(st, m[r], l[r]);
+        float* orow = o + r * dim;
+        if (corr != 1.0f)
+          for (int64_t c = 0; c < dim; ++c) orow[c] *= corr;
+        for (int64_t i = 0; i < tb; ++i) {  // the shared tiles' weighted sum, in key order
+          const float wi = st[i];
+          const float* vrow = rv + w.keys[t0 + i] * dim;
+          for (int64_t c = 0; c < dim; ++c) orow[c] += wi * vrow[c];
+        }
+      }
+    }
   }
 
   for (int64_t r = 0; r < R; ++r) {

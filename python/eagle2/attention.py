@@ -78,6 +78,13 @@ def target_forward(model, input_ids: torch.Tensor, position_ids: torch.Tensor, c
     return out.last_hidden_state
 
 
+def target_logits(model, features: torch.Tensor) -> torch.Tensor:
+    """The target's lm_head over features [B, n, h] -> logits [B, n, V] (on skinny_linear on
+    the CPU, like the rest of our forwards)."""
+    with skinny_linears(features.device):
+        return model.get_output_embeddings()(features)
+
+
 def chain_bits(n: int, batch: int, device=None) -> torch.Tensor:
     """Causal mask bits [batch, n, ceil(n/32)] for n consecutive new tokens (token i sees 0..i)."""
     causal = torch.ones((n, n), dtype=torch.bool, device=device).tril()

@@ -49,7 +49,7 @@ import torch
 
 import eagle2_kernels
 
-from .attention import chain_bits, target_forward
+from .attention import chain_bits, target_forward, target_logits
 from .cache import KVCache
 from .tree import TreeShape, expand, rerank
 
@@ -328,7 +328,7 @@ def _measure_costs_once(gen, sizes, depths, branchings, prefix, repeats, progres
         toks = rand_ids(n)
         out = target_forward(model, toks, prefix + torch.arange(n, device=dev)[None], tcache, chain_bits(n, 1, dev), plen)
         parents = torch.arange(-1, n - 1, dtype=torch.int32, device=dev)[None]
-        eagle2_kernels.tree_verify(toks.int(), parents, lm_head(out), max_depth=n - 1)
+        eagle2_kernels.tree_verify(toks.int(), parents, target_logits(model, out), max_depth=n - 1)
 
     start = time.perf_counter()
     baseline = median_times({1: lambda: verify(1)}, repeats)[1]

@@ -26,7 +26,7 @@ import torch
 import eagle2_kernels
 from eagle2_kernels import Tree
 
-from .attention import chain_bits, target_forward
+from .attention import chain_bits, target_forward, target_logits
 from .cache import KVCache
 from .tree import Candidates, TreeShape, expand, rerank, root_only
 
@@ -169,7 +169,7 @@ def prefill(dec: Decoder, prompts: list[list[int]], seed: int | None) -> Batch:
     feats = target_forward(model, ids, pos, tcache, chain_bits(L, B, dev), tcache.lengths)  # [B, L, h]
     tcache.extend(lens)
     last = (lens - 1)[:, None]
-    logits = model.get_output_embeddings()(feats.gather(1, last[..., None].expand(B, 1, feats.shape[-1])))
+    logits = target_logits(model, feats.gather(1, last[..., None].expand(B, 1, feats.shape[-1])))
     first = _accept(dec.sampling, root_only(ids.gather(1, last)[:, 0], lens - 1), logits, gen).bonus
     batch = Batch(list(range(B)), lens, lens + 1, first.int(), tcache, None, None,
                   [RowResult(target_forwards=1) for _ in range(B)], gen, start)
@@ -227,7 +227,7 @@ def verify_tree(model, tree: Tree, cache: KVCache, prefix: torch.Tensor, samplin
     [B, m, h] and tree_verify's result. No host sync: torch.compile(fullgraph=True) traces it
     (greedy; a torch.Generator for sampling is not traceable)."""
     feats = target_forward(model, tree.tokens, tree.positions, cache, tree.mask_bits, prefix)
-    res = _accept(sampling, tree, model.get_output_embeddings()(feats), gen)
+    res = _accept(sampling, tree, target_logits(model, feats), gen)
     if tree.tokens.shape[1] > 1:
         cache.compact(res.accepted, res.accept_len)
     else:

@@ -204,3 +204,37 @@ def test_bad_inputs_cpu():
     for backend in ("cpu", "reference"):  # a zero-width mask: refused alike by every backend
         with pytest.raises(ValueError, match="tree_mask_bits: expected at least 1 word"):
             ek.tree_attention(q, k, v, bits[:, :, :0], prefix_len, backend=backend)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("prefix", [5, 60, 63, 64, 130])
+def test_cpu_rows_equal_one_token_steps_bitwise(dtype, prefix):
+    """Each row of a tree verify computes bitwise what a one-token decode step of that node
+    computes once its ancestors are committed (the same visible keys, laid out contiguously):
+    the property that makes greedy EAGLE-2 equal plain decoding in any dtype. Trees with
+    branches, prefixes on both sides of the 64-key tiles."""
+    g = torch.Generator().manual_seed(prefix)
+    Hq, Hkv, d, m = 4, 2, 32, 24
+    parents = [-1] + [int(torch.randint(0, i, (1,), generator=g)) for i in range(1, m)]
+    ancestors = []
+    for i in range(m):
+        chain = [i]
+        while parents[chain[-1]] >= 0:
+            chain.append(parents[chain[-1]])
+        ancestors.append(chain[::-1])  # root first, the node itself last
+    S = prefix + m
+    k = torch.randn(1, Hkv, S, d, generator=g).to(dtype)
+    v = torch.randn(1, Hkv, S, d, generator=g).to(dtype)
+    q = torch.randn(1, Hq, m, d, generator=g).to(dtype)
+    visible = torch.zeros(m, m, dtype=torch.bool)
+    for i, chain in enumerate(ancestors):
+        visible[i, chain] = True
+    bits = reference.pack_mask_bits(visible)[None]
+    tree = ek.tree_attention(q, k, v, bits, torch.tensor([prefix], dtype=torch.int32), backend="cpu")
+    for i, chain in enumerate(ancestors):
+        slots = list(range(prefix)) + [prefix + a for a in chain]  # the node's keys, contiguous
+        n = len(slots)
+        one = ek.tree_attention(q[:, :, i:i + 1].contiguous(), k[:, :, slots].contiguous(), v[:, :, slots].contiguous(),
+                                torch.ones(1, 1, 1, dtype=torch.int32), torch.tensor([n - 1], dtype=torch.int32),
+                                backend="cpu")
+        assert torch.equal(one[:, :, 0], tree[:, :, i]), (i, chain)

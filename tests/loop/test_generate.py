@@ -156,3 +156,18 @@ def test_bad_input(target, heads):
     with pytest.raises(ValueError, match="vocab_size 100 does not match the target's 160"):
         Generator(target, head=random_head(tiny_target(vocab=100)))
 
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_greedy_is_exact_in_every_dtype_on_the_cpu(dtype):
+    """With skinny_linear and tree_attention computing each row as a one-token step would,
+    greedy EAGLE-2 equals plain greedy decoding token for token in float32 and 16-bit floats
+    too, not only in float64, whatever the tree."""
+    target = tiny_target(layer_scale=0.5, logit_scale=2.0).to(dtype)
+    gen = Generator(target, head=cheat_head(tiny_target(layer_scale=0.5, logit_scale=2.0)).to(dtype).attach(target))
+    prompts = ragged_prompts(4, 160, seed=11)
+    vanilla = [r.tokens for r in gen.generate(prompts, max_new_tokens=40, method="vanilla")]
+    for shape in SHAPES[1:]:
+        out = gen.generate(prompts, max_new_tokens=40, total_tokens=shape.total_tokens, depth=shape.depth,
+                           branching=shape.branching)
+        assert [r.tokens for r in out] == vanilla, shape
