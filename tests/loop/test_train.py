@@ -127,3 +127,19 @@ def test_training_time_test_raises_accuracy_at_every_depth(tiny_data, tiny_targe
     start, end = res.eval_start["acc_steps"], res.eval_end["acc_steps"]
     assert len(end) == 3
     assert all(e > s + 0.1 for s, e in zip(start, end)), (start, end)
+
+
+def test_bfloat16_features_are_close_to_float32(tiny_target):
+    """--feature-precision bfloat16 (autocast) computes the cached training features within
+    bfloat16 rounding of float32's (and the same argmax almost everywhere)."""
+    from eagle2.data import Conversation
+    from eagle2.train import _features_of
+
+    target, _ = eagle2.model.load_target(tiny_target)
+    g = torch.Generator().manual_seed(0)
+    convs = [Conversation(torch.randint(0, VOCAB, (n,), generator=g), torch.ones(n, dtype=torch.bool)) for n in (5, 17, 9)]
+    f32, a32 = _features_of(target, convs, 32, "float32")
+    b16, a16 = _features_of(target, convs, 32, "bfloat16")
+    assert f32.shape == b16.shape == (31, 32) and f32.dtype == b16.dtype == torch.float16
+    assert (b16.float() - f32.float()).abs().max() < 0.05 * f32.float().abs().max()
+    assert (a16 == a32).float().mean() > 0.8
