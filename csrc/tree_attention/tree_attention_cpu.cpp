@@ -183,6 +183,18 @@ struct Scratch {
         branch(rows) {}
 };
 
+// Keys [first, first + count) of a (batch row, KV head) as float32: K transposed into kt
+// [dim][ldk], V into v [count][dim]. `first` is an element offset into the caches.
+template <int DT>
+E2K_INLINE void load_keys(const Problem& P, int64_t first, int64_t count, float* kt, int64_t ldk, float* v, int64_t dim) {
+  for (int64_t j = 0; j < count; ++j) {
+    for (int64_t c = 0; c < P.d; ++c) {
+      kt[c * ldk + j] = load_float(P.k, DT, first + j * P.d + c);
+      v[j * dim + c] = load_float(P.v, DT, first + j * P.d + c);
+    }
+  }
+}
+
 // Whether the visible keys among tree keys [0, n) are exactly 0 .. c-1 for some c (a chain: the
 // rows of a prefill, of plain decoding, of a tree's first path): then a key's place in the
 // row's own sequence of visible keys is its slot, and the shared tiles below are canonical.
@@ -233,12 +245,7 @@ E2K_INLINE void attend_group(const Problem& P, int64_t b, int64_t kvh, Scratch& 
       std::fill(kt, kt + dim * kTileKeys, 0.0f);
       std::fill(v, v + kTileKeys * dim, 0.0f);
     }
-    for (int64_t j = 0; j < kb; ++j) {
-      for (int64_t c = 0; c < d; ++c) {
-        kt[c * kTileKeys + j] = load_float(P.k, DT, kv0 + (k0 + j) * d + c);
-        v[j * dim + c] = load_float(P.v, DT, kv0 + (k0 + j) * d + c);
-      }
-    }
+    load_keys<DT>(P, kv0 + k0 * d, kb, kt, kTileKeys, v, dim);
 
     std::fill(s, s + rows * kTileKeys, 0.0f);
     tile_product<kRows, kLanes, kCols>(q, dim, kt, kTileKeys, s, kTileKeys, rows, kTileKeys, dim);
@@ -266,12 +273,7 @@ E2K_INLINE void attend_group(const Problem& P, int64_t b, int64_t kvh, Scratch& 
     const int64_t nk = keys.key_end - tree0, region = w.region;
     float *rkt = w.rkt.data(), *rv = w.rv.data(), *rs = w.rs.data();
     std::fill(rkt, rkt + dim * region, 0.0f);
-    for (int64_t j = 0; j < nk; ++j) {
-      for (int64_t c = 0; c < d; ++c) {
-        rkt[c * region + j] = load_float(P.k, DT, kv0 + (tree0 + j) * d + c);
-        rv[j * dim + c] = load_float(P.v, DT, kv0 + (tree0 + j) * d + c);
-      }
-    }
+    load_keys<DT>(P, kv0 + tree0 * d, nk, rkt, region, rv, dim);
     std::fill(rs, rs + rows * region, 0.0f);
     tile_product<kRows, kLanes, kCols>(q, dim, rkt, region, rs, region, rows, region, dim);
     alignas(64) float st[kTileKeys];
