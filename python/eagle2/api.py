@@ -52,6 +52,9 @@ class Generator:
 
     def __init__(self, model, tokenizer=None, head: DraftHead | None = None, shape: TreeShape = DEFAULT_SHAPE,
                  eos_token_ids=None):
+        from .attention import check_target
+
+        check_target(model)
         self.model, self.tokenizer, self.head, self.shape = model, tokenizer, head, shape
         self._told_untuned = False
         if head is not None:

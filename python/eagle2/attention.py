@@ -7,8 +7,9 @@ for the duration of our forwards (`target_forward`), so the model keeps its usua
 as extra keyword arguments of the model call, which transformers forwards to the attention
 function; the tree positions travel as position_ids. transformers builds no attention mask
 for an implementation it does not know, so the call costs no mask materialisation.
-Every layer attends to its full prefix: a model whose config enables sliding-window layers is
-exact only while the context fits in the window.
+Every layer attends to its full prefix: a model with sliding-window layers is exact only while
+the context fits in the window, which the decode loop checks (`sliding_window`). Attention
+features tree_attention does not implement make `check_target` refuse the model.
 """
 from __future__ import annotations
 
@@ -80,9 +81,42 @@ def target_forward(model, input_ids: torch.Tensor, position_ids: torch.Tensor, c
 
 def target_logits(model, features: torch.Tensor) -> torch.Tensor:
     """The target's lm_head over features [B, n, h] -> logits [B, n, V] (on skinny_linear on
-    the CPU, like the rest of our forwards)."""
+    the CPU, like the rest of our forwards), soft-capped as the model's own forward does when
+    its config says so (final_logit_softcapping, Gemma 2)."""
     with skinny_linears(features.device):
-        return model.get_output_embeddings()(features)
+        logits = model.get_output_embeddings()(features)
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    return logits if cap is None else torch.tanh(logits / cap) * cap
+
+
+def check_target(model) -> None:
+    """Refuse (ValueError naming the feature) a target whose attention tree_attention cannot
+    compute exactly: logit soft-capping, attention sinks, ALiBi, KV shared across layers,
+    encoder-decoder models. Sliding windows are allowed; the loop checks the length."""
+    config = model.config
+    problems = []
+    if getattr(config, "is_encoder_decoder", False):
+        problems.append("an encoder-decoder model (eagle2 decodes causal LMs)")
+    if getattr(config, "attn_logit_softcapping", None) is not None:
+        problems.append(f"attention logit soft-capping (attn_logit_softcapping={config.attn_logit_softcapping})")
+    if getattr(config, "alibi", False) or getattr(config, "position_embedding_type", None) == "alibi":
+        problems.append("ALiBi position biases")
+    if getattr(config, "num_kv_shared_layers", 0):
+        problems.append(f"KV caches shared across layers (num_kv_shared_layers={config.num_kv_shared_layers})")
+    if any(getattr(m, "sinks", None) is not None for m in model.modules()):
+        problems.append("attention sinks")
+    if problems:
+        raise ValueError(f"target {type(model).__name__}: {'; '.join(problems)} is not supported by eagle2's tree "
+                         "attention (the output would not equal the model's own)")
+
+
+def sliding_window(config) -> int | None:
+    """The smallest attention window among the target's layers, or None (every layer sees all)."""
+    window = getattr(config, "sliding_window", None)
+    if not window or getattr(config, "use_sliding_window", True) is False:
+        return None
+    types = getattr(config, "layer_types", None)
+    return int(window) if types is None or "sliding_attention" in types else None
 
 
 def chain_bits(n: int, batch: int, device=None) -> torch.Tensor:

@@ -4,22 +4,25 @@ decoding exactly."""
 from __future__ import annotations
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+import transformers
 
 from eagle2.draft import DraftHead
 
 
 def tiny_target(vocab: int = 160, hidden: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2,
                 context: int = 256, seed: int = 0, layer_scale: float = 1.0, logit_scale: float = 1.0,
-                eos: int = 2) -> LlamaForCausalLM:
-    """A random float64 Llama. layer_scale < 1 shrinks what the layers add to the residual
-    stream, so the next token depends mostly on the current one (a draft can guess it);
-    logit_scale > 1 sharpens its next-token distributions (random init gives near-uniform ones)."""
+                eos: int = 2, family: str = "Llama", **config_extra):
+    """A random float64 causal LM of a transformers family (LlamaForCausalLM by default; any
+    <family>Config / <family>ForCausalLM pair of the Llama kind). layer_scale < 1 shrinks what
+    the layers add to the residual stream, so the next token depends mostly on the current one
+    (a draft can guess it); logit_scale > 1 sharpens its next-token distributions (random init
+    gives near-uniform ones)."""
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                         num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=context,
-                         eos_token_id=eos, bos_token_id=1, pad_token_id=0, tie_word_embeddings=False)
-    model = LlamaForCausalLM(config).double().eval()
+    config = getattr(transformers, f"{family}Config")(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=context,
+        eos_token_id=eos, bos_token_id=1, pad_token_id=0, tie_word_embeddings=False, **config_extra)
+    model = getattr(transformers, f"{family}ForCausalLM")(config).double().eval()
     with torch.no_grad():
         for layer in model.model.layers:
             layer.self_attn.o_proj.weight.mul_(layer_scale)

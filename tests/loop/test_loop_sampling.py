@@ -17,9 +17,11 @@ PROMPT = [3, 7, 5, 9]
 ROWS, SEEDS = 600, (0, 1, 2)
 
 
-@pytest.fixture(scope="module")
-def gen():
-    model = tiny_target(vocab=V, layer_scale=0.5, logit_scale=15.0, seed=5)
+@pytest.fixture(scope="module", params=["Llama", "Qwen3"])
+def gen(request):
+    """A Llama, and a family beyond it (Qwen3: q/k norms)."""
+    extra = {"head_dim": 16} if request.param == "Qwen3" else {}
+    model = tiny_target(vocab=V, layer_scale=0.5, logit_scale=15.0, seed=5, family=request.param, **extra)
     return Generator(model, head=cheat_head(model), eos_token_ids=[], shape=TreeShape(8, 3, 3))
 
 
