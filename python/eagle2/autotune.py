@@ -250,8 +250,8 @@ def capture_steps(gen, prompts, shape: TreeShape, temperature: float = 0.0,
     return steps
 
 
-def measure_acceptance(gen, temperature: float = 0.0, prompts=None, max_new_tokens: int = CALIBRATION_TOKENS,
-                       max_m: int = max(TREE_SIZES)) -> Acceptance:
+def measure_acceptance(gen, temperature: float = 0.0, prompts=None, max_new_tokens: int | None = None,
+                       max_m: int | None = None) -> Acceptance:
     """Calibration generations with a large tree; acceptance curves for every candidate shape.
     prompts: str or token-id lists (default CALIBRATION_PROMPTS; random ids without a tokenizer)."""
     if prompts is None:
@@ -259,11 +259,11 @@ def measure_acceptance(gen, temperature: float = 0.0, prompts=None, max_new_toke
         vocab = gen.model.get_output_embeddings().weight.shape[0]
         prompts = CALIBRATION_PROMPTS if gen.tokenizer is not None else \
             [torch.randint(vocab, (16,), generator=g).tolist() for _ in CALIBRATION_PROMPTS]
-    steps = capture_steps(gen, prompts, CALIBRATION_SHAPE, temperature, max_new_tokens)
+    steps = capture_steps(gen, prompts, CALIBRATION_SHAPE, temperature, max_new_tokens or CALIBRATION_TOKENS)
     if not steps:
         raise RuntimeError("autotune: the calibration generations produced no usable draft step")
     rates = calibration_map(np.concatenate([s.scores for s in steps]), np.concatenate([s.accepted for s in steps]))
-    return acceptance_curves(steps, rates, max_m)
+    return acceptance_curves(steps, rates, max_m or max(TREE_SIZES))
 
 
 # ---- costs -----------------------------------------------------------------------------------
@@ -288,13 +288,13 @@ def _progress(what: str, done: int, total: int, start: float) -> None:
 
 
 @torch.inference_mode()
-def measure_costs(gen, sizes=TREE_SIZES, depths=None, branchings=None, prefix: int = PREFIX, repeats: int = 7,
+def measure_costs(gen, sizes=None, depths=None, branchings=None, prefix: int | None = None, repeats: int = 7,
                   progress: bool = False) -> Costs:
     """Time the verify step per tree size and the draft growth per (depth, branching) at
     `prefix`. The one-token verify is timed again at the end: when the two disagree by more
     than NOISE (another job took the cores), everything is measured again, at most MAX_ROUNDS
     times, keeping the round whose baseline agreed best."""
-    depths, branchings = depths or DEPTHS, branchings or BRANCHINGS
+    sizes, depths, branchings, prefix = sizes or TREE_SIZES, depths or DEPTHS, branchings or BRANCHINGS, prefix or PREFIX
     best = None
     for attempt in range(MAX_ROUNDS):
         costs, drift = _measure_costs_once(gen, sizes, depths, branchings, prefix, repeats, progress)
@@ -439,12 +439,13 @@ def _store(key: dict, value) -> None:
 
 
 def _measured(gen, temperature: float, measure: bool):
-    """(costs, acceptance) from the cache, measuring what is missing when `measure`; None when
-    something is missing and measure is False."""
+    """(costs, acceptance, measured now?) from the cache, measuring what is missing when
+    `measure`; None when something is missing and measure is False."""
     keys = cache_keys(gen, temperature)
     costs, acc = _load(keys["costs"], Costs), _load(keys["acceptance"], Acceptance)
     if (costs is None or acc is None) and not measure:
         return None
+    fresh = costs is None or acc is None
     if costs is None:
         costs = measure_costs(gen, progress=True)
         _store(keys["costs"], costs)
@@ -452,7 +453,7 @@ def _measured(gen, temperature: float, measure: bool):
         print("[eagle2] tuning: acceptance of the draft head (a few short generations) ...", file=sys.stderr, flush=True)
         acc = measure_acceptance(gen, 0.0 if regime(temperature) == "greedy" else 1.0)
         _store(keys["acceptance"], acc)
-    return costs, acc
+    return costs, acc, fresh
 
 
 def explain(shape: TreeShape, rows: list[dict], costs: Costs) -> str:
@@ -482,8 +483,10 @@ def tuned_shape(gen, temperature: float = 0.0, measure: bool = True) -> TreeShap
         got = _measured(gen, temperature, measure)
         if got is None:
             return None
-        shape, rows = choose(*got)
-        print(f"[eagle2] {explain(shape, rows, got[0])}", file=sys.stderr, flush=True)
+        costs, acc, fresh = got
+        shape, rows = choose(costs, acc)
+        if fresh:  # said when measured, not on every later run that reads the cache
+            print(f"[eagle2] {explain(shape, rows, costs)}", file=sys.stderr, flush=True)
         memo[key] = shape
     return memo[key]
 

@@ -150,3 +150,50 @@ def test_mismatched_draft_is_refused(folders, tmp_path):
     with pytest.raises(SystemExit, match="vocab_size 50 does not match"):
         main(["generate", "hi", "--target", str(folders / "target"), "--draft", str(tmp_path / "head"),
               "--dtype", "float64"])
+
+
+def test_help_does_not_import_torch():
+    """`eagle2 --help` answers at once: the CLI module imports nothing heavy until a command runs."""
+    import subprocess
+    import sys
+
+    code = "import sys, eagle2.cli; assert 'torch' not in sys.modules and 'transformers' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_ctrl_c_stops_cleanly(folders, capsys, monkeypatch):
+    from eagle2 import api
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(api.Generator, "generate", interrupted)
+    assert main(["generate", "hi", *base(folders)]) == 130
+    assert "interrupted" in capsys.readouterr().err
+
+
+def test_chat_keeps_the_conversation(folders, capsys, monkeypatch):
+    lines = iter(["Name a colour.", "And another?", ""])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    assert main(["chat", "--max-new-tokens", "6", "--total-tokens", "4", "--depth", "2", "--branching", "2",
+                 *base(folders)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("\n") >= 2  # two answers, one line each
+
+
+def test_tune_and_retune(folders, capsys, monkeypatch, tmp_path):
+    from eagle2 import autotune
+
+    monkeypatch.setenv("EAGLE2_CACHE", str(tmp_path))
+    monkeypatch.setattr(autotune, "DEPTHS", (1, 2))
+    monkeypatch.setattr(autotune, "BRANCHINGS", (1, 2))
+    monkeypatch.setattr(autotune, "TREE_SIZES", (1, 2, 4))
+    monkeypatch.setattr(autotune, "PREFIX", 16)
+    monkeypatch.setattr(autotune, "CALIBRATION_TOKENS", 8)
+    monkeypatch.setattr(autotune, "CALIBRATION_SHAPE", autotune.TreeShape(8, 2, 2))
+    assert main(["tune", *base(folders)]) == 0
+    shape = json.loads(capsys.readouterr().out)
+    assert set(shape) == {"total_tokens", "depth", "branching"}
+    assert len(list((tmp_path / "autotune").glob("*.json"))) == 2
+    assert main(["generate", "hi", "--retune", "--max-new-tokens", "4", *base(folders)]) == 0
+    assert "tuning" in capsys.readouterr().err  # measured again

@@ -8,7 +8,7 @@ import eagle2
 from eagle2.bench import first_divergence
 
 # Dev prompts mt_bench-81 (FastChat MT-bench, Apache-2.0), humaneval-0 (HumanEval, MIT),
-# gsm8k-0 (GSM8K test, MIT); see ../shared/data/SOURCES.md.
+# gsm8k-0 (GSM8K test, MIT); see data/SOURCES.md.
 PROMPTS = [
     "Compose an engaging travel blog post about a recent trip to Hawaii, highlighting cultural experiences "
     "and must-see attractions.",
