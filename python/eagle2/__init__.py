@@ -5,8 +5,8 @@
     [r] = gen.generate(["Write a haiku about the sea."], max_new_tokens=64)
     print(r.text, r.tau)
 
-`load(target, draft)` takes local folders (a HF checkpoint; an EAGLE-1/2 head, see
-eagle2.draft). `Generator.generate` decodes a batch of prompts (ragged lengths are fine) with
+`load(target, draft)` takes local folders (a HF checkpoint; an EAGLE-1/2 head, eagle2.draft,
+or an EAGLE-3 head in the official layout, eagle2.draft3). `Generator.generate` decodes a batch of prompts (ragged lengths are fine) with
 method "eagle2" (speculative), "vanilla" (plain decoding in the same loop) or "hf"
 (transformers' own generate). Greedy EAGLE-2 output equals plain greedy decoding; sampling
 preserves the target's distribution (temperature, then top_k, then top_p).
@@ -22,7 +22,7 @@ import importlib
 
 _EXPORTS = {
     "DEFAULT_SHAPE": "api", "Generator": "api", "Result": "api", "load": "api",
-    "DraftHead": "draft", "Sampling": "generate", "TreeShape": "tree", "custom_generate": "transformers_generate",
+    "DraftHead": "draft", "Eagle3Head": "draft3", "Sampling": "generate", "TreeShape": "tree", "custom_generate": "transformers_generate",
 }
 __all__ = sorted([*_EXPORTS, "__version__"])
 __version__ = "0.2.0"

@@ -13,16 +13,19 @@ from pathlib import Path
 import torch
 
 from .draft import DraftHead
+from .draft3 import Eagle3Head, load_head
 from .generate import RowResult, Sampling, decode, hf_generate
 from .model import eos_ids
 from .tree import TreeShape
 
 DEFAULT_HEAD = Path(__file__).parent / "heads" / "smollm2-135m-instruct"
-# A small tree: on a CPU a target forward over 60 tree tokens costs several single-token
-# forwards (README.md, "Measured numbers"), so the paper's 60/6/10 loses there. Measured on
-# the 2-core dev CPU with SmolLM2-135M (1 thread): verifying 6 tokens costs 1.6 plain forwards,
-# 10 tokens 2.2, so 6/3/2 beat 8/3/3 and 10/4/4 for an early trained head. Override per call.
-DEFAULT_SHAPE = TreeShape(total_tokens=6, depth=3, branching=2)
+# The shape used until `eagle2 tune` has measured this machine: a small, shallow tree. On a CPU
+# a target forward over 60 tree tokens costs several single-token forwards, so the paper's
+# 60/6/10 loses there. From the shipped head's tuning tables on the 2-core dev CPU
+# (SmolLM2-135M, 2026-12-07, sampling acceptance, the lower one): 5/1/4 predicted 1.28x plain
+# decoding at 2 threads and 0.99x at 1 thread, where the best shapes give 1.36x and 1.01x; the
+# old default 6/3/2: 1.14x and 0.86x.
+DEFAULT_SHAPE = TreeShape(total_tokens=5, depth=1, branching=4)
 METHODS = ("eagle2", "vanilla", "hf")
 
 
@@ -50,7 +53,7 @@ class Result:
 class Generator:
     """A target model with its tokenizer and (optional) draft head."""
 
-    def __init__(self, model, tokenizer=None, head: DraftHead | None = None, shape: TreeShape = DEFAULT_SHAPE,
+    def __init__(self, model, tokenizer=None, head: DraftHead | Eagle3Head | None = None, shape: TreeShape = DEFAULT_SHAPE,
                  eos_token_ids=None):
         from .attention import check_target
 
@@ -235,8 +238,8 @@ def load(target=None, draft=None, dtype: torch.dtype | str | None = None, device
 
     target: a local HF checkpoint folder, an in-memory transformers causal LM (used as is:
     nothing is copied), or None for the embedded SmolLM2-135M-Instruct. tokenizer: the
-    tokenizer of an in-memory target (a folder brings its own). draft: an EAGLE-1/2 head folder
-    or DraftHead; None = the head shipped for the default target, or no head for another
+    tokenizer of an in-memory target (a folder brings its own). draft: a head folder (EAGLE-1/2
+    or EAGLE-3, told apart by its config.json), a DraftHead or an Eagle3Head; None = the head shipped for the default target, or no head for another
     target, which then supports only 'vanilla' and 'hf'.
     dtype: a torch dtype or its name (default float32; an in-memory target keeps its own);
     device: "cpu", "cuda" or "cuda:N" (default: the GPU when torch sees one, else the CPU).
@@ -264,10 +267,10 @@ def load(target=None, draft=None, dtype: torch.dtype | str | None = None, device
     param = next(model.parameters())
     if draft is None and target is None:
         draft = DEFAULT_HEAD
-    if isinstance(draft, DraftHead):
+    if isinstance(draft, (DraftHead, Eagle3Head)):
         head = draft.to(device=param.device, dtype=param.dtype)
     elif draft is not None:
-        head = DraftHead.from_pretrained(draft, dtype=param.dtype, device=param.device)
+        head = load_head(draft, dtype=param.dtype, device=param.device)
     else:
         head = None
     return Generator(model, tokenizer, head, shape)

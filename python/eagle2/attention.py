@@ -66,17 +66,29 @@ def target_forward(model, input_ids: torch.Tensor, position_ids: torch.Tensor, c
     normed hidden states; the caller applies the lm_head where it needs logits). On the CPU its
     linear layers run on skinny_linear (eagle2.linear).
     """
+    return _tree_forward(model, input_ids, position_ids, cache, mask_bits, prefix_len).last_hidden_state
+
+
+def target_forward_layers(model, input_ids: torch.Tensor, position_ids: torch.Tensor, cache, mask_bits: torch.Tensor,
+                          prefix_len: torch.Tensor, layers: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """target_forward that also returns the outputs of the decoder layers `layers` (indices
+    0..L-2), concatenated [B, n, len(layers) h], from the same forward (what an EAGLE-3 head
+    reads). transformers hands the per-layer states out by reference: no copies."""
+    out = _tree_forward(model, input_ids, position_ids, cache, mask_bits, prefix_len, hidden_states=True)
+    return out.last_hidden_state, torch.cat([out.hidden_states[i + 1] for i in layers], dim=-1)
+
+
+def _tree_forward(model, input_ids, position_ids, cache, mask_bits, prefix_len, hidden_states: bool = False):
     base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
     config = model.config
     saved = config._attn_implementation
     config._attn_implementation = NAME
     try:
         with skinny_linears(input_ids.device):
-            out = base(input_ids=input_ids, position_ids=position_ids, use_cache=True,
-                       eagle2_mask_bits=mask_bits, eagle2_prefix_len=prefix_len, **{_cache_kwarg(type(base)): cache})
+            return base(input_ids=input_ids, position_ids=position_ids, use_cache=True, output_hidden_states=hidden_states,
+                        eagle2_mask_bits=mask_bits, eagle2_prefix_len=prefix_len, **{_cache_kwarg(type(base)): cache})
     finally:
         config._attn_implementation = saved
-    return out.last_hidden_state
 
 
 def target_logits(model, features: torch.Tensor) -> torch.Tensor:

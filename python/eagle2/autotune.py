@@ -49,8 +49,9 @@ import torch
 
 import eagle2_kernels
 
-from .attention import chain_bits, target_forward, target_logits
+from .attention import chain_bits, target_logits
 from .cache import KVCache
+from .generate import forward_for_draft
 from .tree import TreeShape, expand, rerank
 
 TREE_SIZES = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64)
@@ -320,13 +321,14 @@ def _measure_costs_once(gen, sizes, depths, branchings, prefix, repeats, progres
     plen = torch.tensor([prefix], dtype=torch.int32, device=dev)
 
     tcache = KVCache.for_model(config, 1, prefix + max(sizes) + 1, dtype, dev)
-    feats = target_forward(model, rand_ids(prefix), torch.arange(prefix, device=dev)[None], tcache,
-                           chain_bits(prefix, 1, dev), tcache.lengths)
+    _, feats = forward_for_draft(model, head, rand_ids(prefix), torch.arange(prefix, device=dev)[None], tcache,
+                                 chain_bits(prefix, 1, dev), tcache.lengths)
     tcache.extend(plen)
 
     def verify(n):  # writes past the prefix without extending it: every call sees the same cache
         toks = rand_ids(n)
-        out = target_forward(model, toks, prefix + torch.arange(n, device=dev)[None], tcache, chain_bits(n, 1, dev), plen)
+        out, _ = forward_for_draft(model, head, toks, prefix + torch.arange(n, device=dev)[None], tcache,
+                                   chain_bits(n, 1, dev), plen)
         parents = torch.arange(-1, n - 1, dtype=torch.int32, device=dev)[None]
         eagle2_kernels.tree_verify(toks.int(), parents, target_logits(model, out), max_depth=n - 1)
 
@@ -406,7 +408,8 @@ def cache_keys(gen, temperature: float) -> dict:
     head = gen.head
     vocab = len(head.d2t) if head.d2t is not None else head.config.vocab_size
     costs = {"kind": "costs", "format": FORMAT, **model, "machine": _machine(), "threads": torch.get_num_threads(),
-             "draft_vocab": vocab, "draft_hidden": head.config.hidden_size}
+             "draft_vocab": vocab, "draft_hidden": head.config.hidden_size,
+             "draft_layers": list(head.target_layers or [])}  # an EAGLE-3 head's verify also captures layers
     acceptance = {"kind": "acceptance", "format": FORMAT, **model, "head": head_digest(head),
                   "regime": regime(temperature)}
     return {"costs": costs, "acceptance": acceptance}

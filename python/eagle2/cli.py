@@ -246,19 +246,23 @@ def _run_train_data(args) -> int:
 
 
 def _add_train(sub) -> None:
-    p = sub.add_parser("train", help="train an EAGLE-1/2 draft head on `train-data` output",
-                       description="Train (or resume training) an EAGLE-1/2 draft head on the target's features "
-                                   "(eagle2.train: feature regression + soft cross-entropy, noisy inputs).")
+    p = sub.add_parser("train", help="train an EAGLE-1/2 or EAGLE-3 draft head on `train-data` output",
+                       description="Train (or resume training) a draft head on the target's features (eagle2.train: "
+                                   "EAGLE-1/2 = feature regression + soft cross-entropy, noisy inputs; EAGLE-3 = soft "
+                                   "cross-entropy on three target layers' features).")
     p.add_argument("--data", required=True, nargs="+",
                    help="`eagle2 train-data` output folders (target features are cached in each, in features/)")
     p.add_argument("--out", required=True, help="output folder: the head (EAGLE layout) + checkpoint/ to resume")
+    p.add_argument("--head", default="eagle2", choices=["eagle2", "eagle3"],
+                   help="head kind: EAGLE-1/2 (the last hidden state) or EAGLE-3 (three target layers, official layout)")
     p.add_argument("--target", help="target checkpoint folder (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--draft-vocab", type=int, help="reduced draft vocabulary size N (d2t); default: the full vocabulary")
     p.add_argument("--random-init", action="store_true", help="do not start from the target's last decoder layer")
-    p.add_argument("--init", metavar="HEAD", help="start from this trained head (EAGLE layout; its d2t included)")
-    p.add_argument("--ttt-steps", type=int, default=1,
+    p.add_argument("--init", metavar="HEAD", help="start from this trained head (of the --head kind; its d2t included)")
+    p.add_argument("--ttt-steps", type=int,
                    help="training-time test: unroll the head this many steps on its own predictions, as it drafts "
-                        "(1 = EAGLE-1/2's teacher forcing)")
+                        "(1 = EAGLE-1/2's teacher forcing; default 1 for eagle2, 3 for eagle3, whose deeper levels "
+                        "read its own hidden state)")
     p.add_argument("--feature-precision", default="float32", choices=["float32", "bfloat16"],
                    help="precision of the target's matmuls when computing the training features (cached per folder)")
     p.add_argument("--ttt-fraction", type=float, default=0.25,
@@ -273,7 +277,9 @@ def _add_train(sub) -> None:
     p.add_argument("--warmup", type=int, default=50)
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--grad-clip", type=float, default=0.5)
-    p.add_argument("--noise", type=float, default=0.2, help="width of the uniform noise on input features")
+    p.add_argument("--noise", type=float,
+                   help="width of the uniform noise on input features (default 0.2 for eagle2, 0 for eagle3, whose "
+                        "un-normed layer outputs are on another scale)")
     p.add_argument("--ce-weight", type=float, default=0.1, help="weight of the cross-entropy term")
     p.add_argument("--eval-fraction", type=float, default=0.05, help="conversations held out (of each folder)")
     p.add_argument("--eval-every", type=int, default=100)

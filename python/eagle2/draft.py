@@ -54,12 +54,13 @@ class DraftAttention(nn.Module):
     over its own predictions (training-time test, `unroll`), or tree-masked over its own KV
     cache (drafting)."""
 
-    def __init__(self, config: LlamaConfig, qkv_bias: bool):
+    def __init__(self, config: LlamaConfig, qkv_bias: bool, in_features: int | None = None):
         super().__init__()
         self.heads, self.kv_heads, self.head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
-        self.q_proj = nn.Linear(config.hidden_size, self.heads * self.head_dim, bias=qkv_bias)
-        self.k_proj = nn.Linear(config.hidden_size, self.kv_heads * self.head_dim, bias=qkv_bias)
-        self.v_proj = nn.Linear(config.hidden_size, self.kv_heads * self.head_dim, bias=qkv_bias)
+        d_in = in_features or config.hidden_size  # EAGLE-3 reads [embedding; hidden], 2h wide
+        self.q_proj = nn.Linear(d_in, self.heads * self.head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(d_in, self.kv_heads * self.head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(d_in, self.kv_heads * self.head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(self.heads * self.head_dim, config.hidden_size, bias=False)
 
     def forward(self, x, cos, sin, cache=None, mask_bits=None, prefix_len=None, unroll=None):
@@ -132,6 +133,10 @@ class DraftHead(nn.Module):
     """EAGLE-1/2 draft head. Build with `DraftHead(config)`, `DraftHead.for_target(model)` or
     `DraftHead.from_pretrained(path)`; call `attach(target)` before use."""
 
+    # What the head reads from the target: None = its final-normed last hidden state (an
+    # EAGLE-3 head names decoder layers instead, eagle2.draft3).
+    target_layers = None
+
     def __init__(self, config: LlamaConfig, bias: bool = True, d2t: torch.Tensor | None = None):
         super().__init__()
         if config.num_hidden_layers != 1:
@@ -155,18 +160,13 @@ class DraftHead(nn.Module):
         """A head shaped for a transformers causal LM, attached to it. With
         init_from_last_layer its layer starts as a copy of the target's last decoder layer and
         fc passes the feature through (a sensible untrained start); else random init."""
-        src = target.config.to_dict()
-        fields = {k: src[k] for k in CONFIG_FIELDS if src.get(k) is not None}
-        fields.update(_legacy_rope(target.config))
-        fields["head_dim"] = head_dim(target.config)
-        config = LlamaConfig(**fields, num_hidden_layers=1, attention_bias=bool(getattr(target.config, "attention_bias", False)))
         param = next(target.parameters())
-        head = cls(config, bias=bias, d2t=d2t).to(device=param.device, dtype=param.dtype)
+        head = cls(config_for(target), bias=bias, d2t=d2t).to(device=param.device, dtype=param.dtype)
         if init_from_last_layer:
             last = target.get_decoder().layers[-1]
             head.layers[0].load_state_dict(
                 {k: v for k, v in last.state_dict().items() if not k.startswith("input_layernorm")}, strict=False)
-            h = config.hidden_size
+            h = head.config.hidden_size
             with torch.no_grad():
                 head.fc.weight.zero_()
                 head.fc.weight[:, h:] = torch.eye(h)
@@ -179,22 +179,13 @@ class DraftHead(nn.Module):
                         device: torch.device | str = "cpu") -> "DraftHead":
         """Load a head saved in the EAGLE-1/2 layout (see the module docstring), strictly."""
         path = Path(path)
-        cfg_file = path / "config.json"
-        if not cfg_file.is_file():
-            raise ValueError(f"draft head: {cfg_file} not found")
-        try:
-            raw = json.loads(cfg_file.read_text())
-        except (OSError, ValueError) as e:
-            raise ValueError(f"draft head: {cfg_file} is not readable JSON ({e})") from None
-        if not isinstance(raw, dict):
-            raise ValueError(f"draft head: {cfg_file} holds {type(raw).__name__}, expected a JSON object")
-        state = _read_weights(path)
+        raw = read_config(path)
+        state = read_weights(path)
         bias = raw.get("bias", "fc.bias" in state)
-        config = LlamaConfig(**{k: v for k, v in raw.items() if k not in ("architectures", "bias", "torch_dtype", "dtype")})
-        config.head_dim = head_dim(config)
+        config = llama_config(raw, ("bias",))
         d2t = state.get("d2t")
         head = cls(config, bias=bool(bias), d2t=d2t).to(device=device, dtype=dtype)
-        _check_keys(head, state, config)
+        check_keys(head.state_dict(), state, config)
         head.load_state_dict({k: v for k, v in state.items() if k not in IGNORED_KEYS})
         return head
 
@@ -204,14 +195,8 @@ class DraftHead(nn.Module):
 
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        c = self.config
-        config = {
-            "architectures": ["LlamaForCausalLM"], "model_type": "llama", "num_hidden_layers": 1, "bias": self.bias,
-            **{k: getattr(c, k) for k in CONFIG_FIELDS if k not in ("rope_theta", "rope_scaling")},
-            **_legacy_rope(c),
-            "attention_bias": bool(getattr(c, "attention_bias", False) or getattr(c, "qkv_bias", False)),
-            "torch_dtype": str(dtype or next(self.parameters()).dtype).removeprefix("torch."),
-        }
+        config = {"architectures": ["LlamaForCausalLM"], "bias": self.bias,
+                  **config_json(self.config, dtype or next(self.parameters()).dtype)}
         (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         state = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().contiguous().cpu()
                  for k, v in self.state_dict().items()}
@@ -258,6 +243,11 @@ class DraftHead(nn.Module):
         with skinny_linears(hidden.device):
             return F.linear(hidden, self._lm_weight().to(hidden.dtype))
 
+    def target_logits(self, features: torch.Tensor) -> torch.Tensor:
+        """The target's logits over the draft vocabulary from its final features: the head's
+        own `logits`, since an EAGLE-1/2 head shares the target's lm_head (training targets)."""
+        return self.logits(features)
+
     def to_target_ids(self, draft_ids: torch.Tensor) -> torch.Tensor:
         """Map draft vocabulary indices to target token ids (identity without d2t)."""
         return draft_ids if self.d2t is None else self.d2t[draft_ids.long()].to(draft_ids.dtype)
@@ -272,6 +262,26 @@ class DraftHead(nn.Module):
         return self._target[1]
 
 
+def config_for(target) -> LlamaConfig:
+    """A one-layer Llama config with the target's sizes, norms and rope settings."""
+    src = target.config.to_dict()
+    fields = {k: src[k] for k in CONFIG_FIELDS if src.get(k) is not None}
+    fields.update(_legacy_rope(target.config))
+    fields["head_dim"] = head_dim(target.config)
+    return LlamaConfig(**fields, num_hidden_layers=1, attention_bias=bool(getattr(target.config, "attention_bias", False)))
+
+
+def config_json(config: LlamaConfig, dtype: torch.dtype) -> dict:
+    """The Llama fields of a head's config.json (rope as every transformers version reads it)."""
+    return {
+        "model_type": "llama", "num_hidden_layers": 1,
+        **{k: getattr(config, k) for k in CONFIG_FIELDS if k not in ("rope_theta", "rope_scaling")},
+        **_legacy_rope(config),
+        "attention_bias": bool(getattr(config, "attention_bias", False) or getattr(config, "qkv_bias", False)),
+        "torch_dtype": str(dtype).removeprefix("torch."),
+    }
+
+
 def _legacy_rope(config) -> dict:
     """rope_theta / rope_scaling as written in Llama config.json files (readable by the
     official EAGLE code and by every transformers version)."""
@@ -281,7 +291,30 @@ def _legacy_rope(config) -> dict:
     return {"rope_theta": theta, "rope_scaling": scaling}
 
 
-def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+def read_config(path: Path) -> dict:
+    """A head folder's config.json as a dict (ValueError when missing or not a JSON object)."""
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise ValueError(f"draft head: {cfg_file} not found")
+    try:
+        raw = json.loads(cfg_file.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"draft head: {cfg_file} is not readable JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"draft head: {cfg_file} holds {type(raw).__name__}, expected a JSON object")
+    return raw
+
+
+def llama_config(raw: dict, extra: tuple[str, ...] = ()) -> LlamaConfig:
+    """The LlamaConfig of a head's config.json, without the non-Llama fields `extra`."""
+    skip = ("architectures", "torch_dtype", "dtype", *extra)
+    config = LlamaConfig(**{k: v for k, v in raw.items() if k not in skip})
+    config.head_dim = head_dim(config)
+    return config
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a head folder's model.safetensors or pytorch_model.bin."""
     for name in WEIGHT_FILES:
         f = path / name
         if f.is_file():
@@ -296,8 +329,9 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
     raise ValueError(f"draft head: no weights in {path} (expected one of {', '.join(WEIGHT_FILES)})")
 
 
-def _check_keys(head: DraftHead, state: dict[str, torch.Tensor], config: LlamaConfig) -> None:
-    expected = head.state_dict()
+def check_keys(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor], config: LlamaConfig) -> None:
+    """ValueError naming the first unexpected, missing or mis-shaped key of a checkpoint
+    (IGNORED_KEYS may be present, with the shape of the target's embedding)."""
     for key in state:
         if key in IGNORED_KEYS:
             shape = (config.vocab_size, config.hidden_size)

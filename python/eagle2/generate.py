@@ -26,7 +26,7 @@ import torch
 import eagle2_kernels
 from eagle2_kernels import Tree
 
-from .attention import chain_bits, sliding_window, target_forward, target_logits
+from .attention import chain_bits, sliding_window, target_forward, target_forward_layers, target_logits
 from .cache import KVCache
 from .tree import Candidates, TreeShape, expand, rerank, root_only
 
@@ -112,7 +112,7 @@ class Batch:
     root: torch.Tensor        # [B] int32, the last committed token: the next tree's root
     tcache: KVCache           # target: positions 0 .. n-2
     dcache: KVCache | None    # draft: positions 1 .. n-1 once `pending` is fed to it
-    pending: tuple | None     # draft catch-up: features [B, T, h], next tokens [B, T], first position [B], count [B]
+    pending: tuple | None     # draft catch-up: what the head reads [B, T, h or 3h], next tokens [B, T], first position [B], count [B]
     results: list[RowResult]  # one per prompt, finished or not
     gen: torch.Generator
     start: float
@@ -172,7 +172,7 @@ def prefill(dec: Decoder, prompts: list[list[int]], seed: int | None) -> Batch:
     L = int(lens.max())
     ids = torch.tensor([p + [p[-1]] * (L - len(p)) for p in prompts], device=dev)
     pos = torch.minimum(torch.arange(L, device=dev)[None], lens[:, None] - 1)
-    feats = target_forward(model, ids, pos, tcache, chain_bits(L, B, dev), tcache.lengths)  # [B, L, h]
+    feats, dfeats = forward_for_draft(model, head, ids, pos, tcache, chain_bits(L, B, dev), tcache.lengths)  # [B, L, h]
     tcache.extend(lens)
     last = (lens - 1)[:, None]
     logits = target_logits(model, feats.gather(1, last[..., None].expand(B, 1, feats.shape[-1])))
@@ -184,7 +184,7 @@ def prefill(dec: Decoder, prompts: list[list[int]], seed: int | None) -> Batch:
                                head.config.head_dim, dtype, dev)
         pend_tokens = torch.cat([ids[:, 1:], torch.zeros_like(ids[:, :1])], dim=1)
         pend_tokens.scatter_(1, last, first[:, None].to(ids.dtype))  # t_{i+1} for every f_i
-        batch.pending = (feats, pend_tokens, torch.ones_like(lens), lens)
+        batch.pending = (dfeats, pend_tokens, torch.ones_like(lens), lens)
     _commit(dec, batch, first[:, None].tolist(), [1] * B)
     return batch
 
@@ -212,7 +212,7 @@ def speculate(dec: Decoder, batch: Batch) -> tuple[Tree, Candidates | None]:
 def verify(dec: Decoder, batch: Batch, tree: Tree) -> None:
     """verify_tree, then the accepted tokens + bonus committed."""
     prefix = batch.tcache.lengths.clone()
-    feats, res = verify_tree(dec.model, tree, batch.tcache, prefix, dec.sampling, batch.gen)
+    feats, res = verify_tree(dec.model, tree, batch.tcache, prefix, dec.sampling, batch.gen, dec.head)
     a = res.accept_len.long()
     A = int(a.max())
     acc = res.accepted[:, :A].long().clamp(min=0)
@@ -227,28 +227,39 @@ def verify(dec: Decoder, batch: Batch, tree: Tree) -> None:
     _commit(dec, batch, new.tolist(), a.tolist())
 
 
-def verify_tree(model, tree: Tree, cache: KVCache, prefix: torch.Tensor, sampling: Sampling, gen=None):
+def verify_tree(model, tree: Tree, cache: KVCache, prefix: torch.Tensor, sampling: Sampling, gen=None, head=None):
     """One target forward over the tree (tree attention on the cache after prefix [B]), the
-    acceptance walk, and the cache compacted to the accepted path. Returns the features
-    [B, m, h] and tree_verify's result. No host sync: torch.compile(fullgraph=True) traces it
-    (greedy; a torch.Generator for sampling is not traceable)."""
-    feats = target_forward(model, tree.tokens, tree.positions, cache, tree.mask_bits, prefix)
+    acceptance walk, and the cache compacted to the accepted path. Returns what the draft head
+    reads of the m nodes (forward_for_draft) and tree_verify's result. No host sync:
+    torch.compile(fullgraph=True) traces it (greedy; a torch.Generator for sampling is not
+    traceable)."""
+    feats, dfeats = forward_for_draft(model, head, tree.tokens, tree.positions, cache, tree.mask_bits, prefix)
     res = _accept(sampling, tree, target_logits(model, feats), gen)
     if tree.tokens.shape[1] > 1:
         cache.compact(res.accepted, res.accept_len)
     else:
         cache.extend(res.accept_len)
-    return feats, res
+    return dfeats, res
+
+
+def forward_for_draft(model, head, input_ids, position_ids, cache, mask_bits, prefix_len):
+    """target_forward, returning (the final features [B, n, h], what the draft head reads):
+    the same features for an EAGLE-1/2 head (or none), its layers' outputs for an EAGLE-3 head."""
+    layers = head.target_layers if head is not None else None
+    if layers is None:
+        feats = target_forward(model, input_ids, position_ids, cache, mask_bits, prefix_len)
+        return feats, feats
+    return target_forward_layers(model, input_ids, position_ids, cache, mask_bits, prefix_len, layers)
 
 
 def _draft_catch_up(head, cache, feats, tokens, first_pos, count) -> torch.Tensor:
     """Feed the draft count[b] new (feature, next token) pairs per row, at positions first_pos[b]
     onwards; return its predicted feature at each row's last pair (the root) [B, h]."""
-    B, T, h = feats.shape
+    B, T, _ = feats.shape
     pos = first_pos[:, None] + torch.minimum(torch.arange(T, device=feats.device)[None], count[:, None] - 1)
     hidden = head(feats, tokens, pos, cache=cache, mask_bits=chain_bits(T, B, feats.device), prefix_len=cache.lengths)
     cache.extend(count)
-    return hidden.gather(1, (count - 1)[:, None, None].expand(B, 1, h))[:, 0]
+    return hidden.gather(1, (count - 1)[:, None, None].expand(B, 1, hidden.shape[-1]))[:, 0]
 
 
 def _accept(sampling: Sampling, tree: Tree, logits: torch.Tensor, gen):

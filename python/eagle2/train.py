@@ -18,6 +18,11 @@ the lowest ids: BPE merge order approximates corpus frequency), stored as the `d
 Its lm_head is then N rows of the target's: on a small target the full-vocabulary lm_head
 dominates the draft's cost. The CE then runs over those N tokens (positions whose target
 argmax lies outside them are left out of it).
+
+--head eagle3 trains an EAGLE-3 head (eagle2.draft3) instead: its input features are the
+outputs of three target layers (cached beside the final features), it predicts tokens only
+(loss = the soft cross-entropy against the target's distribution over the draft vocabulary,
+ce_weight ignored, no feature regression), and --ttt-steps unrolls it on its own hidden states.
 """
 from __future__ import annotations
 
@@ -37,6 +42,7 @@ from safetensors.torch import load_file, save_file
 
 from eagle2.data import Conversation, fmt_seconds, read_shard, shard_paths
 from eagle2.draft import DraftHead, Unroll
+from eagle2.draft3 import Eagle3Head, default_layers, load_head
 from eagle2.model import eos_ids, load_target
 
 
@@ -45,33 +51,41 @@ def _log(msg: str) -> None:
 
 
 class Sequence:
-    """A conversation with its cached target features [n, h] and target argmax tokens [n]."""
+    """A conversation with its cached target features [n, h], target argmax tokens [n] and,
+    for an EAGLE-3 head, the outputs of its target layers [n, 3h] (else None)."""
 
-    def __init__(self, conv: Conversation, features: torch.Tensor, argmax: torch.Tensor):
+    def __init__(self, conv: Conversation, features: torch.Tensor, argmax: torch.Tensor,
+                 layers: torch.Tensor | None = None):
         self.input_ids, self.loss_mask, self.features, self.argmax = conv.input_ids, conv.loss_mask, features, argmax
+        self.layers = layers
 
     def __len__(self) -> int:
         return len(self.input_ids)
 
 
 @torch.no_grad()
-def target_features(target, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Final-normed last hidden states [B, T, h] and argmax tokens [B, T] of the target.
+def target_features(target, input_ids: torch.Tensor, layers: tuple[int, ...] | None = None):
+    """Final-normed last hidden states [B, T, h], argmax tokens [B, T] and, given `layers`,
+    those decoder layers' outputs concatenated [B, T, len(layers) h] (else None).
 
     Right padding is harmless here: causal attention never lets a real token see a later pad.
     """
-    hidden = target.get_decoder()(input_ids=input_ids, use_cache=False).last_hidden_state
-    return hidden, target.get_output_embeddings()(hidden).argmax(-1)
+    out = target.get_decoder()(input_ids=input_ids, use_cache=False, output_hidden_states=layers is not None)
+    hidden = out.last_hidden_state
+    picked = torch.cat([out.hidden_states[i + 1] for i in layers], -1) if layers is not None else None
+    return hidden, target.get_output_embeddings()(hidden).argmax(-1), picked
 
 
 def load_sequences(target, data_dir: str | Path, target_tag: str, max_len: int,
-                   tokens_per_batch: int = 2048, precision: str = "float32") -> list[Sequence]:
+                   tokens_per_batch: int = 2048, precision: str = "float32",
+                   layers: tuple[int, ...] | None = None) -> list[Sequence]:
     """The conversations of a `train-data` folder (cut to max_len tokens) with their target
     features, computed once per data shard and cached in data_dir/features/ (float16
-    features + int32 argmax); a folder that grew gets features for its new shards only.
+    features + int32 argmax; with `layers`, an EAGLE-3 head's, in features-layers-<ids>/);
+    a folder that grew gets features for its new shards only.
     precision "bfloat16" runs the target's matmuls in bfloat16 (autocast): several times
     faster on CPUs with AVX512-BF16, features within bfloat16 rounding of float32's."""
-    cache_dir = Path(data_dir) / "features"
+    cache_dir = Path(data_dir) / ("features" if layers is None else f"features-layers-{'-'.join(map(str, layers))}")
     cache_dir.mkdir(exist_ok=True)
     meta_path = cache_dir / "meta.json"
     meta = {"target": target_tag, "max_len": max_len, "precision": precision}
@@ -89,34 +103,41 @@ def load_sequences(target, data_dir: str | Path, target_tag: str, max_len: int,
             t = load_file(str(path))
             if not torch.equal(t["lengths"], lengths):
                 raise ValueError(f"{path} does not match its data shard {shard}: delete it to recompute")
-            feats, argmax = t["features"], t["argmax"]
+            feats, argmax, picked = t["features"], t["argmax"], t.get("layers")
         else:
-            feats, argmax = _features_of(target, convs, tokens_per_batch, precision)
-            save_file({"features": feats, "argmax": argmax, "lengths": lengths}, str(path.with_suffix(".tmp")))
+            feats, argmax, picked = _features_of(target, convs, tokens_per_batch, precision, layers)
+            if picked is not None and not bool(picked.isfinite().all()):
+                raise ValueError(f"{shard}: a target layer's outputs overflow float16 (the feature cache's type)")
+            extra = {"layers": picked} if picked is not None else {}
+            save_file({"features": feats, "argmax": argmax, "lengths": lengths, **extra}, str(path.with_suffix(".tmp")))
             os.replace(path.with_suffix(".tmp"), path)
             done_tokens += int(lengths.sum())
             _log(f"features: shard {k + 1}/{len(paths)} of {data_dir} "
                  f"({done_tokens / (time.time() - start):.0f} tokens/s)")
         offsets = [0] + lengths.cumsum(0).tolist()
-        out += [Sequence(c, feats[a:b], argmax[a:b]) for c, a, b in zip(convs, offsets[:-1], offsets[1:])]
+        out += [Sequence(c, feats[a:b], argmax[a:b], picked[a:b] if picked is not None else None)
+                for c, a, b in zip(convs, offsets[:-1], offsets[1:])]
     return out
 
 
-def _features_of(target, convs: list[Conversation], tokens_per_batch: int, precision: str = "float32"):
-    """Concatenated float16 features [sum n, h] and int32 argmax [sum n] of `convs`, in order."""
+def _features_of(target, convs: list[Conversation], tokens_per_batch: int, precision: str = "float32",
+                 layers: tuple[int, ...] | None = None):
+    """Concatenated float16 features [sum n, h], int32 argmax [sum n] and float16 layer outputs
+    [sum n, 3h] (None without `layers`) of `convs`, in order."""
     order = sorted(range(len(convs)), key=lambda i: len(convs[i].input_ids))
-    feats, argmax = [None] * len(convs), [None] * len(convs)
+    feats, argmax, picked = [None] * len(convs), [None] * len(convs), [None] * len(convs)
     for batch in _length_batches(order, [len(c.input_ids) for c in convs], tokens_per_batch):
         width = max(len(convs[i].input_ids) for i in batch)
         ids = torch.zeros(len(batch), width, dtype=torch.long)
         for r, i in enumerate(batch):
             ids[r, :len(convs[i].input_ids)] = convs[i].input_ids
         with torch.autocast(target.device.type, dtype=torch.bfloat16, enabled=precision == "bfloat16"):
-            h, a = target_features(target, ids.to(target.device))
+            h, a, x = target_features(target, ids.to(target.device), layers)
         for r, i in enumerate(batch):
             n = len(convs[i].input_ids)
             feats[i], argmax[i] = h[r, :n].half().cpu(), a[r, :n].int().cpu()
-    return torch.cat(feats), torch.cat(argmax)
+            picked[i] = x[r, :n].half().cpu() if x is not None else None
+    return torch.cat(feats), torch.cat(argmax), torch.cat(picked) if layers is not None else None
 
 
 def _length_batches(order: list[int], lengths: list[int], tokens_per_batch: int) -> list[list[int]]:
@@ -155,9 +176,13 @@ def _batch(seqs: list[Sequence], device) -> dict[str, torch.Tensor]:
     h = seqs[0].features.shape[-1]
     b = {"features": torch.zeros(len(seqs), width, h), "tokens": torch.zeros(len(seqs), width, dtype=torch.long),
          "argmax": torch.zeros(len(seqs), width, dtype=torch.long), "mask": torch.zeros(len(seqs), width, dtype=torch.bool)}
+    if seqs[0].layers is not None:
+        b["layers"] = torch.zeros(len(seqs), width, seqs[0].layers.shape[-1])
     for r, s in enumerate(seqs):
         n = len(s)
         b["features"][r, :n] = s.features.float()
+        if s.layers is not None:
+            b["layers"][r, :n] = s.layers.float()
         b["tokens"][r, :n] = s.input_ids
         b["argmax"][r, :n] = s.argmax.long()
         b["mask"][r, :n] = s.loss_mask
@@ -207,10 +232,13 @@ def head_loss(head: DraftHead, batch: dict[str, torch.Tensor], noise: float, ce_
     """The training loss of one batch (see the module doc), averaged over the unroll steps with
     weights step_decay^(k-1), and its statistics: feature loss, CE and top-1 accuracy against
     the target argmax of step 1, the top-1 accuracy and count of every step (acc_steps,
-    n_steps). Steps >= 2 run on a ttt_fraction of the positions (ttt_positions)."""
+    n_steps). Steps >= 2 run on a ttt_fraction of the positions (ttt_positions). An EAGLE-3
+    head reads batch["layers"] and is trained on the CE alone (weight 1)."""
     feats, tokens, mask = batch["features"], batch["tokens"], batch["mask"]
     B, T, _ = feats.shape
-    f_in = feats + (torch.rand_like(feats) - 0.5) * noise if noise else feats
+    regress = head.target_layers is None  # EAGLE-1/2: its output predicts the next feature
+    f_in = feats if regress else batch["layers"]
+    f_in = f_in + (torch.rand_like(f_in) - 0.5) * noise if noise else f_in
     index = ttt_positions(mask, ttt_fraction, generator) if steps > 1 and ttt_fraction < 1 else None
     preds = unrolled(head, f_in, tokens, steps, index)
     n = int(mask[:, 1:].sum())
@@ -220,7 +248,7 @@ def head_loss(head: DraftHead, batch: dict[str, torch.Tensor], noise: float, ce_
     row_of = torch.full((B, T), -1, dtype=torch.long, device=feats.device)
     row_of[mask] = torch.arange(int(mask.sum()), device=feats.device)
     with torch.no_grad():
-        teacher = torch.softmax(head.logits(feats[mask]).float(), -1)
+        teacher = torch.softmax(head.target_logits(feats[mask]).float(), -1)
     top1 = batch["argmax"][mask]
     all_pos = torch.arange(T, device=feats.device).expand(B, -1)
     loss, weights, stats = 0.0, 0.0, {"acc_steps": [], "n_steps": []}
@@ -232,12 +260,13 @@ def head_loss(head: DraftHead, batch: dict[str, torch.Tensor], noise: float, ce_
             break
         rows = row_of.gather(1, goal)[sel]
         pred_s = pred[sel]
-        vloss = F.smooth_l1_loss(pred_s, feats.gather(1, goal[..., None].expand(*goal.shape, feats.shape[-1]))[sel])
+        vloss = F.smooth_l1_loss(pred_s, feats.gather(1, goal[..., None].expand(*goal.shape, feats.shape[-1]))[sel]) \
+            if regress else pred_s.new_zeros(())
         logq = torch.log_softmax(head.logits(pred_s).float(), -1)
         ce_rows = -(teacher[rows] * logq).sum(-1)
         keep = in_draft_vocab[top1[rows]] if in_draft_vocab is not None else torch.ones_like(rows, dtype=torch.bool)
         ce = ce_rows[keep].mean() if keep.any() else ce_rows.sum() * 0
-        loss = loss + step_decay ** (k - 1) * (vloss + ce_weight * ce)
+        loss = loss + step_decay ** (k - 1) * (vloss + ce_weight * ce if regress else ce)
         weights += step_decay ** (k - 1)
         acc = float((head.to_target_ids(logq.argmax(-1)) == top1[rows]).float().mean())
         stats["acc_steps"].append(acc)
@@ -291,23 +320,44 @@ class TrainResult:
     """The trained head (float32, attached to the target) and held-out metrics before the
     first step of this run and after its last one (empty without held-out data)."""
 
-    head: DraftHead
+    head: DraftHead | Eagle3Head
     eval_start: dict[str, float]
     eval_end: dict[str, float]
 
 
 def train(args: argparse.Namespace) -> TrainResult:
     """`eagle2 train`: train (or resume training) a draft head, see the module doc."""
+    eagle3 = args.head == "eagle3"
+    if args.ttt_steps is None:
+        args.ttt_steps = 3 if eagle3 else 1
+    if args.noise is None:
+        args.noise = 0.0 if eagle3 else 0.2
+    if args.ttt_steps < 1:
+        raise ValueError(f"--ttt-steps: expected an int >= 1, got {args.ttt_steps}")
     torch.manual_seed(args.seed)
     out = Path(args.out)
     ckpt = out / "checkpoint"
     device = torch.device(args.device)
     target, _ = load_target(args.target, dtype=torch.float32, device=device)
     target.requires_grad_(False)
+    state = torch.load(ckpt / "state.pt", weights_only=False) if (ckpt / "state.pt").exists() else None
+    head = None
+    if state is not None:
+        head = load_head(ckpt, dtype=torch.float32, device=device).attach(target)
+        _log(f"resuming from {ckpt} at step {state['step']}")
+    elif args.init:
+        head = load_head(args.init, dtype=torch.float32, device=device).attach(target)
+        _log(f"starting from the head in {args.init}")
+    if head is not None and (head.target_layers is not None) != (args.head == "eagle3"):
+        raise ValueError(f"--head {args.head}: the head to start from is an "
+                         f"{'EAGLE-3' if head.target_layers is not None else 'EAGLE-1/2'} head")
+    layers = head.target_layers if head is not None else \
+        (default_layers(target.config.num_hidden_layers) if args.head == "eagle3" else None)
+
     train_seqs, eval_sets = [], {}  # eval_sets: data folder -> its held-out sequences
     for folder in args.data:
         seqs = load_sequences(target, folder, str(args.target or "default"), args.max_len,
-                              precision=args.feature_precision)
+                              precision=args.feature_precision, layers=layers)
         # Held out per folder, so that every data source is evaluated.
         n_eval = max(1, round(len(seqs) * args.eval_fraction)) if len(seqs) > 1 and args.eval_fraction else 0
         train_seqs += seqs[:len(seqs) - n_eval]
@@ -318,19 +368,15 @@ def train(args: argparse.Namespace) -> TrainResult:
     _log(f"{len(train_seqs)} training conversations ({sum(map(len, train_seqs))} tokens, {n_tokens} answer "
          f"tokens), {len(eval_seqs)} held out")
 
-    state = torch.load(ckpt / "state.pt", weights_only=False) if (ckpt / "state.pt").exists() else None
-    if state is not None:
-        head = DraftHead.from_pretrained(ckpt, dtype=torch.float32, device=device).attach(target)
-        _log(f"resuming from {ckpt} at step {state['step']}")
-    elif args.init:
-        head = DraftHead.from_pretrained(args.init, dtype=torch.float32, device=device).attach(target)
-        _log(f"starting from the head in {args.init}")
-    else:
+    if head is None:
         d2t = None
         if args.draft_vocab:
             d2t = draft_vocab(train_seqs, args.draft_vocab, target.config.vocab_size, eos_ids(target))
-        head = DraftHead.for_target(target, init_from_last_layer=not args.random_init, d2t=d2t)
-        if not args.random_init:
+        if args.head == "eagle3":  # starts as a logit lens on its highest layer (Eagle3Head.for_target)
+            head = Eagle3Head.for_target(target, d2t=d2t, layers=layers, init_from_target=not args.random_init)
+        else:
+            head = DraftHead.for_target(target, init_from_last_layer=not args.random_init, d2t=d2t)
+        if args.head == "eagle2" and not args.random_init:
             # The copied layer's output projections write residual-stream-sized updates (the
             # target's last layer sees un-normed states of large norm), which swamp the normed
             # feature the head must predict (SmolLM2: feature loss 37 instead of 0.6). Zeroed,

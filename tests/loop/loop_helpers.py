@@ -1,12 +1,13 @@
 """Shared pieces of the decode-loop tests (test_draft, test_generate, test_loop_*): tiny
-random Llama targets and draft heads in float64, where the loop's output must match plain
-decoding exactly."""
+random Llama targets and draft heads (EAGLE-1/2 and EAGLE-3) in float64, where the loop's
+output must match plain decoding exactly."""
 from __future__ import annotations
 
 import torch
 import transformers
 
 from eagle2.draft import DraftHead
+from eagle2.draft3 import Eagle3Head
 
 
 def tiny_target(vocab: int = 160, hidden: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2,
@@ -34,6 +35,17 @@ def tiny_target(vocab: int = 160, hidden: int = 64, layers: int = 2, heads: int 
 def random_head(target, seed: int = 1) -> DraftHead:
     torch.manual_seed(seed)
     head = DraftHead.for_target(target, init_from_last_layer=False)
+    with torch.no_grad():
+        for p in head.parameters():
+            p.normal_(0, 0.1)
+    return head.double().attach(target)
+
+
+def random_eagle3_head(target, seed: int = 1, layers: tuple[int, ...] | None = None,
+                       d2t: torch.Tensor | None = None) -> Eagle3Head:
+    """A random EAGLE-3 head; layers default to (0, 0, 0), which every target of >= 2 layers has."""
+    torch.manual_seed(seed)
+    head = Eagle3Head.for_target(target, d2t=d2t, layers=layers or (0, 0, 0), init_from_target=False)
     with torch.no_grad():
         for p in head.parameters():
             p.normal_(0, 0.1)

@@ -1,10 +1,11 @@
 """DraftHead: EAGLE-1/2 checkpoint layout (round trip, strict keys), target checks, reduced
-vocabulary, and the cached tree forward against the causal training forward."""
+vocabulary; for both head kinds (EAGLE-1/2, EAGLE-3) the cached tree forward and the
+training-time-test unroll against the causal training forward."""
 import json
 
 import pytest
 import torch
-from loop_helpers import random_head, tiny_target
+from loop_helpers import random_eagle3_head, random_head, tiny_target
 from safetensors.torch import load_file, save_file
 
 from eagle2.attention import chain_bits
@@ -31,10 +32,21 @@ def saved(tmp_path, target):
     return head, tmp_path
 
 
-def inputs(target, B=2, T=7, seed=0):
+@pytest.fixture(params=["eagle2", "eagle3"])
+def any_head(request, target):
+    return random_head(target) if request.param == "eagle2" else random_eagle3_head(target)
+
+
+def feature_width(head) -> int:
+    """What the head reads from the target: h (EAGLE-1/2) or one h per feature layer (EAGLE-3)."""
+    return head.config.hidden_size * len(head.target_layers or (1,))
+
+
+def inputs(target, B=2, T=7, seed=0, width=None):
+    """Random features [B, T, width (default h)], tokens t_{i+1} and positions i + 1."""
     g = torch.Generator().manual_seed(seed)
     h, V = target.config.hidden_size, target.config.vocab_size
-    feats = torch.randn(B, T, h, generator=g, dtype=torch.float64)
+    feats = torch.randn(B, T, width or h, generator=g, dtype=torch.float64)
     toks = torch.randint(0, V, (B, T), generator=g)
     return feats, toks, torch.arange(1, T + 1).expand(B, T)
 
@@ -139,11 +151,11 @@ def test_reduced_vocabulary(tmp_path, target):
 
 
 @torch.no_grad()
-def test_cached_tree_forward_matches_causal_forward(target):
+def test_cached_tree_forward_matches_causal_forward(target, any_head):
     """The drafting path (KV cache + tree_attention) computes what training computes."""
-    head = random_head(target)
+    head = any_head
     B, T = 2, 9
-    f, t, p = inputs(target, B, T)
+    f, t, p = inputs(target, B, T, width=feature_width(head))
     want = head(f, t, p)
     cache = KVCache(1, B, 2, 32, 16, torch.float64)
     got = []
@@ -156,10 +168,10 @@ def test_cached_tree_forward_matches_causal_forward(target):
 
 
 @torch.no_grad()
-def test_tree_mask_sees_only_ancestors(target):
+def test_tree_mask_sees_only_ancestors(target, any_head):
     """A node attending to [prefix, its ancestors] equals the causal forward of that path."""
-    head = random_head(target)
-    f, t, p = inputs(target, 1, 6)
+    head = any_head
+    f, t, p = inputs(target, 1, 6, width=feature_width(head))
     cache = KVCache(1, 1, 2, 32, 16, torch.float64)
     head(f[:, :3], t[:, :3], p[:, :3], cache=cache, mask_bits=chain_bits(3, 1), prefix_len=cache.lengths.clone())
     cache.extend(torch.tensor([3]))
@@ -185,14 +197,14 @@ def test_for_target_copies_the_last_layer(target):
     torch.testing.assert_close(x, f)  # fc passes the feature through
 
 
-def test_training_time_test_unroll_equals_drafting(target):
+def test_training_time_test_unroll_equals_drafting(target, any_head):
     """Step k of train.unrolled at index j computes what the draft computes at depth k below the
     root t_{j+1}: the committed prefix in its cache, its ancestors and itself in the tree."""
     from eagle2.train import unrolled
 
-    head = random_head(target)
+    head = any_head
     B, T, steps = 2, 9, 3
-    feats, toks, _ = inputs(target, B, T, seed=3)
+    feats, toks, _ = inputs(target, B, T, seed=3, width=feature_width(head))
     with torch.no_grad():
         preds = unrolled(head, feats, toks, steps)
         for j in range(T - steps):

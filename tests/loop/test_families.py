@@ -63,7 +63,7 @@ def test_head_for_target_trains_on_other_families(family):
     head = DraftHead.for_target(target, init_from_last_layer=True)
     assert head.config.head_dim == (getattr(target.config, "head_dim", None) or 64 // 4)
     ids = torch.randint(3, 160, (2, 24), generator=torch.Generator().manual_seed(0))
-    feats, argmax = target_features(target, ids)
+    feats, argmax, _ = target_features(target, ids)
     batch = {"features": feats, "tokens": ids, "argmax": argmax, "mask": torch.ones_like(ids, dtype=torch.bool)}
     opt = torch.optim.Adam(head.parameters(), lr=3e-3)
     losses = []

@@ -49,3 +49,17 @@ def test_default_model_greedy_eagle2_matches_vanilla(gen):
         assert_same_or_near_tie(gen.model, p, v.tokens, h.tokens, "hf")
     assert all(v.new_tokens == NEW or v.tokens[-1] in gen.eos_ids for v in vanilla)
     assert all(v.text for v in vanilla)
+
+
+def test_default_model_greedy_with_an_eagle3_head(gen):
+    """An EAGLE-3 head (untrained: a logit lens on layer 26 of 30) on the real target: the
+    feature layers come from the verify forward, and the output is still plain decoding's."""
+    from eagle2.draft3 import Eagle3Head
+
+    head = Eagle3Head.for_target(gen.model)
+    assert head.target_layers == (1, 14, 26)
+    g3 = eagle2.Generator(gen.model, gen.tokenizer, head, eagle2.TreeShape(16, 4, 4))
+    ids = [gen.encode(p) for p in PROMPTS[1:]]
+    vanilla = gen.generate(ids, max_new_tokens=NEW, method="vanilla")
+    for p, v, e in zip(ids, vanilla, g3.generate(ids, max_new_tokens=NEW)):
+        assert_same_or_near_tie(gen.model, p, v.tokens, e.tokens, "eagle2 with an EAGLE-3 head")

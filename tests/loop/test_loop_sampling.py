@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 import torch
-from loop_helpers import cheat_head, tiny_target
+from loop_helpers import cheat_head, random_eagle3_head, tiny_target
 from scipy.stats import chisquare
 
 from eagle2 import Generator, TreeShape
@@ -17,11 +17,14 @@ PROMPT = [3, 7, 5, 9]
 ROWS, SEEDS = 600, (0, 1, 2)
 
 
-@pytest.fixture(scope="module", params=["Llama", "Qwen3"])
+@pytest.fixture(scope="module", params=["Llama", "Qwen3", "Llama, EAGLE-3 head"])
 def gen(request):
-    """A Llama, and a family beyond it (Qwen3: q/k norms)."""
-    extra = {"head_dim": 16} if request.param == "Qwen3" else {}
-    model = tiny_target(vocab=V, layer_scale=0.5, logit_scale=15.0, seed=5, family=request.param, **extra)
+    """A Llama, a family beyond it (Qwen3: q/k norms), and a Llama drafted by an EAGLE-3 head."""
+    family = request.param.split(",")[0]
+    extra = {"head_dim": 16} if family == "Qwen3" else {}
+    model = tiny_target(vocab=V, layer_scale=0.5, logit_scale=15.0, seed=5, family=family, **extra)
+    if "EAGLE-3" in request.param:  # a random head: drafting 10 of the 12 tokens gets drafts accepted
+        return Generator(model, head=random_eagle3_head(model), eos_token_ids=[], shape=TreeShape(11, 1, 10))
     return Generator(model, head=cheat_head(model), eos_token_ids=[], shape=TreeShape(8, 3, 3))
 
 

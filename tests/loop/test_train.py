@@ -129,6 +129,28 @@ def test_training_time_test_raises_accuracy_at_every_depth(tiny_data, tiny_targe
     assert all(e > s + 0.1 for s, e in zip(start, end)), (start, end)
 
 
+def test_eagle3_head_trains_at_every_depth_and_round_trips(tiny_data, tiny_target, tmp_path):
+    """--head eagle3: the CE on three layers' features (cached apart) falls and the top-1 rises
+    at every unroll depth; the head is saved in the official EAGLE-3 layout and reloads."""
+    from eagle2.draft3 import Eagle3Head, load_head
+
+    _, data = tiny_data
+    res = train(_train_args(data, tmp_path / "head", tiny_target, "--head", "eagle3", "--steps", "200",
+                            "--draft-vocab", "40", "--ttt-steps", "3", "--ttt-fraction", "0.5"))
+    start, end = res.eval_start, res.eval_end
+    assert end["ce"] < start["ce"] and end["vloss"] == 0.0
+    assert all(e > s + 0.1 for s, e in zip(start["acc_steps"], end["acc_steps"])), (start, end)
+    assert (data / "features-layers-0-0-0").is_dir()
+    target, _ = eagle2.model.load_target(tiny_target)
+    loaded = load_head(tmp_path / "head").attach(target)
+    assert isinstance(loaded, Eagle3Head) and torch.equal(loaded.d2t, res.head.d2t)
+    feats, tokens, pos = torch.randn(2, 7, 3 * 32), torch.randint(0, VOCAB, (2, 7)), torch.arange(1, 8).expand(2, -1)
+    with torch.no_grad():
+        assert torch.equal(loaded.logits(loaded(feats, tokens, pos)), res.head.logits(res.head(feats, tokens, pos)))
+    with pytest.raises(ValueError, match="--head eagle2: the head to start from is an EAGLE-3 head"):
+        train(_train_args(data, tmp_path / "again", tiny_target, "--init", str(tmp_path / "head"), "--steps", "1"))
+
+
 def test_bfloat16_features_are_close_to_float32(tiny_target):
     """--feature-precision bfloat16 (autocast) computes the cached training features within
     bfloat16 rounding of float32's (and the same argmax almost everywhere)."""
@@ -138,8 +160,11 @@ def test_bfloat16_features_are_close_to_float32(tiny_target):
     target, _ = eagle2.model.load_target(tiny_target)
     g = torch.Generator().manual_seed(0)
     convs = [Conversation(torch.randint(0, VOCAB, (n,), generator=g), torch.ones(n, dtype=torch.bool)) for n in (5, 17, 9)]
-    f32, a32 = _features_of(target, convs, 32, "float32")
-    b16, a16 = _features_of(target, convs, 32, "bfloat16")
+    f32, a32, l32 = _features_of(target, convs, 32, "float32", layers=(0, 0))
+    b16, a16, l16 = _features_of(target, convs, 32, "bfloat16", layers=(0, 0))
     assert f32.shape == b16.shape == (31, 32) and f32.dtype == b16.dtype == torch.float16
-    assert (b16.float() - f32.float()).abs().max() < 0.05 * f32.float().abs().max()
+    assert l32.shape == l16.shape == (31, 64) and l16.dtype == torch.float16
+    for x32, x16 in ((f32, b16), (l32, l16)):
+        assert (x16.float() - x32.float()).abs().max() < 0.05 * x32.float().abs().max()
     assert (a16 == a32).float().mean() > 0.8
+    assert _features_of(target, convs, 32, "float32")[2] is None
