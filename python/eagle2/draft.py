@@ -129,7 +129,36 @@ class DraftLayer(nn.Module):
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
-class DraftHead(nn.Module):
+class HeadBase(nn.Module):
+    """What the EAGLE-1/2 and EAGLE-3 heads share: the d2t map to target ids, the size checks
+    against a target, the tensors a checkpoint stores."""
+
+    config: LlamaConfig
+    d2t: torch.Tensor | None
+
+    def to_target_ids(self, draft_ids: torch.Tensor) -> torch.Tensor:
+        """Map draft vocabulary indices to target token ids (identity without d2t)."""
+        return draft_ids if self.d2t is None else self.d2t[draft_ids.long()].to(draft_ids.dtype)
+
+    def check_fits(self, target) -> tuple[int, int]:
+        """The target's (vocabulary, hidden size); ValueError when the head's differ or d2t
+        holds ids outside the vocabulary."""
+        V, h = target.get_output_embeddings().weight.shape
+        if self.config.hidden_size != h:
+            raise ValueError(f"draft head: hidden_size {self.config.hidden_size} does not match the target's {h}")
+        if self.config.vocab_size != V:
+            raise ValueError(f"draft head: vocab_size {self.config.vocab_size} does not match the target's {V}")
+        if self.d2t is not None and self.d2t.numel() and not (0 <= int(self.d2t.min()) and int(self.d2t.max()) < V):
+            raise ValueError(f"draft head: d2t holds ids outside the target vocabulary [0, {V})")
+        return V, h
+
+    def cpu_state(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """The state dict on the CPU, contiguous, floating tensors cast to dtype if given."""
+        return {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().contiguous().cpu()
+                for k, v in self.state_dict().items()}
+
+
+class DraftHead(HeadBase):
     """EAGLE-1/2 draft head. Build with `DraftHead(config)`, `DraftHead.for_target(model)` or
     `DraftHead.from_pretrained(path)`; call `attach(target)` before use."""
 
@@ -198,25 +227,17 @@ class DraftHead(nn.Module):
         config = {"architectures": ["LlamaForCausalLM"], "bias": self.bias,
                   **config_json(self.config, dtype or next(self.parameters()).dtype)}
         (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        state = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().contiguous().cpu()
-                 for k, v in self.state_dict().items()}
+        state = self.cpu_state(dtype)
         save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
 
     def attach(self, target) -> "DraftHead":
         """Use the target's embedding and lm_head (refusing a head whose hidden size or
         vocabulary does not match). Call again after moving the target or the head."""
-        emb = target.get_input_embeddings()
+        self.check_fits(target)
         lm_w = target.get_output_embeddings().weight  # [V, h]
-        V, h = lm_w.shape
-        if self.config.hidden_size != h:
-            raise ValueError(f"draft head: hidden_size {self.config.hidden_size} does not match the target's {h}")
-        if self.config.vocab_size != V:
-            raise ValueError(f"draft head: vocab_size {self.config.vocab_size} does not match the target's {V}")
         if self.d2t is not None:
-            if self.d2t.numel() and not (0 <= int(self.d2t.min()) and int(self.d2t.max()) < V):
-                raise ValueError(f"draft head: d2t holds ids outside the target vocabulary [0, {V})")
             lm_w = lm_w.index_select(0, self.d2t.to(lm_w.device))
-        self._target = (emb, lm_w)
+        self._target = (target.get_input_embeddings(), lm_w)
         return self
 
     # ---- compute -----------------------------------------------------------------------
@@ -247,10 +268,6 @@ class DraftHead(nn.Module):
         """The target's logits over the draft vocabulary from its final features: the head's
         own `logits`, since an EAGLE-1/2 head shares the target's lm_head (training targets)."""
         return self.logits(features)
-
-    def to_target_ids(self, draft_ids: torch.Tensor) -> torch.Tensor:
-        """Map draft vocabulary indices to target token ids (identity without d2t)."""
-        return draft_ids if self.d2t is None else self.d2t[draft_ids.long()].to(draft_ids.dtype)
 
     def _embedding(self):
         if self._target is None:

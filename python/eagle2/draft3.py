@@ -42,7 +42,7 @@ from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm, LlamaRotaryEmbedding
 
 from .draft import (
-    DraftAttention, DraftHead, check_keys, config_for, config_json, llama_config, read_config, read_weights,
+    DraftAttention, DraftHead, HeadBase, check_keys, config_for, config_json, llama_config, read_config, read_weights,
 )
 from .linear import skinny_linears
 
@@ -76,7 +76,7 @@ class Eagle3Layer(nn.Module):
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
-class Eagle3Head(nn.Module):
+class Eagle3Head(HeadBase):
     """EAGLE-3 draft head. Build with `Eagle3Head.for_target(model)` or
     `Eagle3Head.from_pretrained(path)`; call `attach(target)` before use (it also settles the
     default feature layers)."""
@@ -89,10 +89,11 @@ class Eagle3Head(nn.Module):
         h = config.hidden_size
         self.config = config
         self.layer_ids = tuple(layers) if layers is not None else None  # None: default_layers of the target
-        if (len(self.layer_ids) if self.layer_ids else n_layers) < 2:
+        n_layers = len(self.layer_ids) if self.layer_ids else n_layers
+        if n_layers < 2:
             raise ValueError("draft head: an EAGLE-3 head reads at least 2 target layers (official: 3)")
         qkv_bias = bool(getattr(config, "qkv_bias", False) or getattr(config, "attention_bias", False))
-        self.fc = nn.Linear((len(self.layer_ids) if self.layer_ids else n_layers) * h, h, bias=False)
+        self.fc = nn.Linear(n_layers * h, h, bias=False)
         self.midlayer = Eagle3Layer(config, qkv_bias)
         self.norm = LlamaRMSNorm(h, eps=config.rms_norm_eps)
         self.lm_head = nn.Linear(h, len(d2t) if d2t is not None else config.vocab_size, bias=False)
@@ -180,10 +181,9 @@ class Eagle3Head(nn.Module):
             config["eagle_config"] = {"eagle_aux_hidden_state_layer_ids": list(self.target_layers)}
             config["eagle_aux_hidden_state_layer_ids"] = [i + 1 for i in self.target_layers]
         (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        state = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().contiguous().cpu()
-                 for k, v in self.state_dict().items() if k != "d2t"}
+        state = self.cpu_state(dtype)
         if self.d2t is not None:
-            d2t = self.d2t.cpu()
+            d2t = state.pop("d2t")
             state["d2t"] = d2t - torch.arange(len(d2t))
             state["t2d"] = torch.zeros(c.vocab_size, dtype=torch.bool).index_fill_(0, d2t, True)
         save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
@@ -191,13 +191,7 @@ class Eagle3Head(nn.Module):
     def attach(self, target) -> "Eagle3Head":
         """Use the target's embedding and settle the feature layers (refusing a head whose
         sizes do not match the target, or layers it does not have)."""
-        V, h = target.get_output_embeddings().weight.shape
-        if self.config.hidden_size != h:
-            raise ValueError(f"draft head: hidden_size {self.config.hidden_size} does not match the target's {h}")
-        if self.config.vocab_size != V:
-            raise ValueError(f"draft head: vocab_size {self.config.vocab_size} does not match the target's {V}")
-        if self.d2t is not None and self.d2t.numel() and not (0 <= int(self.d2t.min()) and int(self.d2t.max()) < V):
-            raise ValueError(f"draft head: d2t holds ids outside the target vocabulary [0, {V})")
+        _, h = self.check_fits(target)
         n = target.config.num_hidden_layers
         layers = self.layer_ids if self.layer_ids is not None else default_layers(n)
         if len(layers) * h != self.fc.in_features or not all(0 <= i <= n - 2 for i in layers):
@@ -238,10 +232,6 @@ class Eagle3Head(nn.Module):
         (the training targets; DraftHead.target_logits is the same for an EAGLE-1/2 head)."""
         w = self._target[1].weight
         return F.linear(features, (w if self.d2t is None else w.index_select(0, self.d2t)).to(features.dtype))
-
-    def to_target_ids(self, draft_ids: torch.Tensor) -> torch.Tensor:
-        """Map draft vocabulary indices to target token ids (identity without d2t)."""
-        return draft_ids if self.d2t is None else self.d2t[draft_ids.long()].to(draft_ids.dtype)
 
 
 def _absolute_d2t(state: dict[str, torch.Tensor], V: int, Vd: int) -> torch.Tensor | None:

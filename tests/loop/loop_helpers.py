@@ -3,6 +3,7 @@ random Llama targets and draft heads (EAGLE-1/2 and EAGLE-3) in float64, where t
 output must match plain decoding exactly."""
 from __future__ import annotations
 
+import pytest
 import torch
 import transformers
 
@@ -64,6 +65,18 @@ def cheat_head(target, d2t: torch.Tensor | None = None) -> DraftHead:
         head.layers[0].self_attn.o_proj.weight.zero_()
         head.layers[0].mlp.down_proj.weight.zero_()
     return head.attach(target)
+
+
+def assert_edited_checkpoint_refused(path, edit, message: str, load) -> None:
+    """Apply edit(state) to the model.safetensors in `path`; load(path) must raise a ValueError
+    matching `message`."""
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(path / "model.safetensors"))
+    edit(state)
+    save_file(state, str(path / "model.safetensors"))
+    with pytest.raises(ValueError, match=message):
+        load(path)
 
 
 def ragged_prompts(count: int, vocab: int, seed: int, min_len: int = 1, max_len: int = 24) -> list[list[int]]:

@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from loop_helpers import random_eagle3_head, random_head, tiny_target
+from loop_helpers import assert_edited_checkpoint_refused, random_eagle3_head, random_head, tiny_target
 from safetensors.torch import load_file, save_file
 
 from eagle2.attention import chain_bits
@@ -97,12 +97,7 @@ def test_bias_inferred_when_the_config_does_not_say(saved):
     (lambda s: s.update({"embed_tokens.weight": torch.ones(10, 64)}), r"embed_tokens.weight has shape \(10, 64\)"),
 ])
 def test_strict_keys(saved, edit, message):
-    _, path = saved
-    state = load_file(str(path / "model.safetensors"))
-    edit(state)
-    save_file(state, str(path / "model.safetensors"))
-    with pytest.raises(ValueError, match=message):
-        DraftHead.from_pretrained(path)
+    assert_edited_checkpoint_refused(saved[1], edit, message, DraftHead.from_pretrained)
 
 
 def test_bad_checkpoint_folders(tmp_path, saved):
