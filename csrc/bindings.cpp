@@ -52,14 +52,16 @@ PYBIND11_MODULE(E2K_MODULE, mod) {
                    ptr<int32_t>(parents), ptr<int32_t>(depth), ptr<int32_t>(positions), ptr<int32_t>(mask_bits),
                    ptr<int32_t>(paths), ptr<int32_t>(num_leaves) E2K_STREAM);
   });
-  mod.def("tree_attention", [](u q, u k_cache, u v_cache, int dtype, u tree_mask_bits, u prefix_len, i64 B, i64 Hq,
-                               i64 Hkv, i64 n, i64 S, i64 d, i64 W, float scale, u out, i64 threads, u stream) {
+  mod.def("tree_attention", [](u q, u k_cache, u v_cache, int dtype, u tree_mask_bits, u prefix_len, u positions,
+                               i64 window, i64 B, i64 Hq, i64 Hkv, i64 n, i64 S, i64 d, i64 W, float scale, u out,
+                               i64 threads, u stream) {
     (void)threads;
     (void)stream;
     py::gil_scoped_release nogil;
     E2K_OP(tree_attention)(ptr<const void>(q), ptr<const void>(k_cache), ptr<const void>(v_cache), dtype,
-                           ptr<const int32_t>(tree_mask_bits), ptr<const int32_t>(prefix_len), B, Hq, Hkv, n, S, d,
-                           W, scale, ptr<void>(out) E2K_THREADS E2K_STREAM);
+                           ptr<const int32_t>(tree_mask_bits), ptr<const int32_t>(prefix_len),
+                           ptr<const int32_t>(positions), window, B, Hq, Hkv, n, S, d, W, scale,
+                           ptr<void>(out) E2K_THREADS E2K_STREAM);
   });
   mod.def("tree_verify", [](u tokens, u parents, u target_logits, int dtype, i64 B, i64 m, i64 V, i64 L,
                             float temperature, float top_p, i64 top_k, u uniforms, u workspace, u accepted,

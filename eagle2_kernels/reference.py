@@ -257,6 +257,19 @@ def tree_mask_visible(tree_mask_bits: torch.Tensor, prefix_len: torch.Tensor, nu
     return (rel < 0)[:, None, :] | (in_tree[:, None, :] & bit)
 
 
+def window_visible(positions: torch.Tensor, prefix_len: torch.Tensor, num_keys: int, window: int) -> torch.Tensor:
+    """Sliding-window visibility [B, n, S] of keys 0..S-1: a query at position positions[b, i]
+    may see a key only if its position minus the key's is below window. A key's position is its
+    cache index, except the n tree keys prefix_len[b] + j (j < n), whose positions are the
+    queries' own, positions[b, j] (in a verify step the tree tokens are both)."""
+    B, n = positions.shape
+    index = torch.arange(num_keys, device=positions.device).expand(B, num_keys)
+    rel = index - prefix_len.long()[:, None]
+    is_tree = (rel >= 0) & (rel < n)
+    key_pos = torch.where(is_tree, positions.long().gather(1, rel.clamp(0, n - 1)), index)  # [B, S]
+    return positions.long()[:, :, None] - key_pos[:, None, :] < window
+
+
 def tree_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -264,12 +277,15 @@ def tree_attention(
     tree_mask_bits: torch.Tensor,
     prefix_len: torch.Tensor,
     scale: float,
+    positions: torch.Tensor | None = None,
+    sliding_window: int | None = None,
 ) -> torch.Tensor:
     """Attention of n tree queries to a cached prefix plus the tree itself.
 
     q [B, Hq, n, d]; k_cache, v_cache [B, Hkv, S, d] (Hq % Hkv == 0; query head h reads KV head
     h // (Hq // Hkv)); tree_mask_bits [B, n, W] int32; prefix_len [B] int32, ragged across the
-    batch. Visibility is `tree_mask_visible`. Softmax in float32 (float64 for float64 inputs); the
+    batch. Visibility is `tree_mask_visible`, and with sliding_window also `window_visible` over
+    the query positions positions [B, n] int32 (required then). Softmax in float32 (float64 for float64 inputs); the
     output [B, Hq, n, d] has q's dtype. A query that sees no key gets zeros.
 
     NaN, on every backend: NaN in a query, or in the key of a key it sees, makes its whole output
@@ -288,7 +304,10 @@ def tree_attention(
     k = torch.where(in_range, k_cache.to(acc), 0.0).repeat_interleave(group, dim=1)
     v = torch.where(in_range, v_cache.to(acc), 0.0).repeat_interleave(group, dim=1)
     scores = torch.matmul(q.to(acc), k.transpose(-1, -2)) * scale  # [B, Hq, n, S]
-    visible = tree_mask_visible(tree_mask_bits, prefix_len, S)[:, None]  # [B, 1, n, S]
+    visible = tree_mask_visible(tree_mask_bits, prefix_len, S)  # [B, n, S]
+    if sliding_window is not None:
+        visible = visible & window_visible(positions, prefix_len, S, sliding_window)
+    visible = visible[:, None]  # [B, 1, n, S]
     scores = scores.masked_fill(~visible, NEG_INF)
     probs = torch.softmax(scores, dim=-1)
     probs = torch.where(visible.any(-1, keepdim=True), probs, 0.0)  # fully masked rows -> zeros; NaN inputs propagate

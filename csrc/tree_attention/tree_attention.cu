@@ -7,7 +7,9 @@
 // cut key_end (read on the device, so ragged prefixes need no host sync) into equal runs of
 // whole kTileKeys tiles. Tree keys are simply the last keys of the range; the split covering
 // them decodes the bit mask (tree_keys / tree_bit in tree_attention.h, shared with the CPU
-// kernel). The split count comes from the SM count and the cache length S. With one split the
+// kernel). With a sliding window the range starts at the tile holding the block's first key
+// inside any of its rows' windows (in_window in tree_attention.h masks the rest). The split
+// count comes from the SM count and the cache length S. With one split the
 // block writes the output; otherwise every split writes its unnormalised partial (acc, max, sum)
 // and a merge kernel combines them.
 //
@@ -27,6 +29,7 @@
 #include <mma.h>
 
 #include <algorithm>
+#include <climits>
 #include <mutex>
 #include <stdexcept>
 #include <string>
@@ -213,6 +216,8 @@ __device__ void tile_accumulate(const float* Ss, const T* Ps, const T* Vs, float
 struct Args {
   const int32_t* bits;
   const int32_t* prefix_len;
+  const int32_t* positions;  // [B][n], read only when window > 0
+  int64_t window;
   int Hkv, group, n, d, dp, W, rows, row_tiles, splits;
   int64_t S;
   float scale_log2;  // softmax scale * log2(e): the softmax runs on exp2
@@ -245,10 +250,18 @@ __global__ void __launch_bounds__(kThreads)
   const int valid_rows = min(A.rows, R - r0);
   const int32_t p = A.prefix_len[b];
   const TreeKeys keys = tree_keys(p, A.S, A.W);
-  // This split's run of keys: key_end cut into `splits` equal runs of whole tiles.
-  const int64_t chunk = (keys.key_end + A.splits - 1) / A.splits;
+  const int32_t* positions = A.window > 0 ? A.positions + b * A.n : nullptr;
+  __shared__ int first_pos;  // the smallest query position among the block's rows
+  if (threadIdx.x == 0) first_pos = INT_MAX;
+  __syncthreads();
+  if (positions && threadIdx.x < valid_rows) atomicMin(&first_pos, positions[(r0 + threadIdx.x) % A.n]);
+  __syncthreads();
+  const int64_t first_key = positions ? max(int64_t(first_pos) - A.window + 1, int64_t(0)) : 0;
+  const int64_t k_first = min(first_key / kTileKeys * kTileKeys, keys.key_end);
+  // This split's run of keys: [k_first, key_end) cut into `splits` equal runs of whole tiles.
+  const int64_t chunk = (keys.key_end - k_first + A.splits - 1) / A.splits;
   const int64_t run = (chunk + kTileKeys - 1) / kTileKeys * kTileKeys;
-  const int64_t k_begin = min(int64_t(blockIdx.y) * run, keys.key_end);
+  const int64_t k_begin = min(k_first + int64_t(blockIdx.y) * run, keys.key_end);
   const int64_t k_end = min(k_begin + run, keys.key_end);
 
   stage_tile(Qs, L.ld_in, q + (bh * R + r0) * A.d, valid_rows, A.rows, A.d, A.dp, A.vec);
@@ -273,12 +286,14 @@ __global__ void __launch_bounds__(kThreads)
     // Online softmax, one warp per row, lane j covers keys j and j + 32 of the tile.
     for (int r = threadIdx.x / 32; r < A.rows; r += kWarps) {
       const int32_t* words = A.bits + (b * A.n + (r0 + r) % A.n) * A.W;
+      const int64_t qpos = positions ? positions[(r0 + r) % A.n] : 0;
       float x[2];
       float tile_max = kNegInf;
       for (int h = 0; h < 2; ++h) {
         const int j = lane + 32 * h;
         const int64_t key = k0 + j;
-        const bool visible = r < valid_rows && j < kb && (key < keys.prefix_end || tree_bit(words, key - p));
+        const bool visible = r < valid_rows && j < kb && (key < keys.prefix_end || tree_bit(words, key - p)) &&
+                             (!positions || in_window(qpos, key_position(positions, p, A.n, key), A.window));
         x[h] = visible ? Ss[r * L.ld_s + j] * A.scale_log2 : kNegInf;
         tile_max = fmaxf(tile_max, x[h]);
       }
@@ -416,8 +431,8 @@ int blocks_per_sm(int dev, int smem, int* sms, int* max_smem) {
 
 template <typename T>
 void launch(const void* q, const void* k_cache, const void* v_cache, const int32_t* bits, const int32_t* prefix_len,
-            int64_t B, int64_t Hq, int64_t Hkv, int64_t n, int64_t S, int64_t d, int64_t W, float scale, void* out,
-            cudaStream_t stream) {
+            const int32_t* positions, int64_t window, int64_t B, int64_t Hq, int64_t Hkv, int64_t n, int64_t S,
+            int64_t d, int64_t W, float scale, void* out, cudaStream_t stream) {
   int dev = 0, sms = 0, max_smem = 0;
   check(cudaGetDevice(&dev), "cudaGetDevice");
   blocks_per_sm<T>(dev, 0, &sms, &max_smem);
@@ -425,6 +440,8 @@ void launch(const void* q, const void* k_cache, const void* v_cache, const int32
   Args A{};
   A.bits = bits;
   A.prefix_len = prefix_len;
+  A.positions = positions;
+  A.window = window;
   A.Hkv = int(Hkv);
   A.group = int(Hq / Hkv);
   A.n = int(n);
@@ -476,17 +493,21 @@ void launch(const void* q, const void* k_cache, const void* v_cache, const int32
 }  // namespace
 
 void tree_attention_cuda(const void* q, const void* k_cache, const void* v_cache, int dtype,
-                         const int32_t* tree_mask_bits, const int32_t* prefix_len, int64_t B, int64_t Hq,
-                         int64_t Hkv, int64_t n, int64_t S, int64_t d, int64_t W, float scale, void* out,
-                         void* stream) {
+                         const int32_t* tree_mask_bits, const int32_t* prefix_len, const int32_t* positions,
+                         int64_t window, int64_t B, int64_t Hq, int64_t Hkv, int64_t n, int64_t S, int64_t d,
+                         int64_t W, float scale, void* out, void* stream) {
   if (B <= 0 || Hq <= 0 || Hkv <= 0 || n <= 0 || d <= 0) return;
   auto s = static_cast<cudaStream_t>(stream);
+  auto launch_as = [&](auto dtype_tag) {
+    launch<decltype(dtype_tag)>(q, k_cache, v_cache, tree_mask_bits, prefix_len, positions, window, B, Hq, Hkv, n, S,
+                                d, W, scale, out, s);
+  };
   if (dtype == kFloat32) {
-    launch<float>(q, k_cache, v_cache, tree_mask_bits, prefix_len, B, Hq, Hkv, n, S, d, W, scale, out, s);
+    launch_as(float{});
   } else if (dtype == kFloat16) {
-    launch<__half>(q, k_cache, v_cache, tree_mask_bits, prefix_len, B, Hq, Hkv, n, S, d, W, scale, out, s);
+    launch_as(__half{});
   } else {
-    launch<__nv_bfloat16>(q, k_cache, v_cache, tree_mask_bits, prefix_len, B, Hq, Hkv, n, S, d, W, scale, out, s);
+    launch_as(__nv_bfloat16{});
   }
 }
 

@@ -6,7 +6,8 @@
 // converted to float32 and read once for the whole group instead of once per query head. Every
 // row keeps an online softmax (running max m, running sum l, unnormalised output o; float32).
 // Tasks are (b, KV head) pairs, spread dynamically over OpenMP threads (torch's pool, at most the
-// caller's count; one when the work is small), which balances ragged prefix lengths.
+// caller's count; one when the work is small), which balances ragged prefix lengths. With a
+// sliding window the walk starts at the tile holding the group's first key inside any window.
 //
 // The arithmetic is written with GCC/Clang vector types of kLanes floats: auto-vectorised loops
 // of the same maths spill their accumulators and run several times slower. The whole task body
@@ -151,7 +152,8 @@ struct Problem {
   const void* v;
   const int32_t* bits;
   const int32_t* prefix_len;
-  int64_t B, Hq, Hkv, n, S, d, W;
+  const int32_t* positions;  // [B][n], read only when window > 0
+  int64_t B, Hq, Hkv, n, S, d, W, window;
   float scale;
   void* out;
 };
@@ -165,6 +167,7 @@ struct Scratch {
   std::vector<float> rkt, rv, rs;    // the same for the tree region: [dim][region], [region][dim], [rows][region]
   std::vector<int64_t> keys;         // one branch row's visible region keys, in order
   std::vector<char> branch;          // [rows]: the row's tree keys are not a chain from the region's start
+  std::vector<int64_t> qpos;         // [rows]: the row's query position (sliding window only)
   explicit Scratch(const Problem& p)
       : rows(round_up(p.Hq / p.Hkv * p.n, kRowPad)),
         dim(round_up(p.d, kDimPad)),
@@ -180,7 +183,8 @@ struct Scratch {
         rv(region * dim),
         rs(rows * region),
         keys(region),
-        branch(rows) {}
+        branch(rows),
+        qpos(rows) {}
 };
 
 // Keys [first, first + count) of a (batch row, KV head) as float32: K transposed into kt
@@ -215,7 +219,9 @@ E2K_INLINE bool chain_mask(const int32_t* words, int64_t n) {
 // keys with gaps: its tiles from the one holding the prefix end on are redone from its own
 // list of visible keys (the shared tiles mask them for it), with the same score, softmax and
 // weighted-sum arithmetic. This is what makes a verify forward's rows bitwise equal to plain
-// decoding's in every dtype (with eagle2_kernels.skinny_linear for the linear layers).
+// decoding's in every dtype (with eagle2_kernels.skinny_linear for the linear layers). A sliding
+// window keeps this: keys outside a row's window stay in its tiles with score -inf, as they do in
+// the one-token step, and tiles before every row's window change no row's state, so are skipped.
 template <int DT, int64_t kRows, int64_t kLanes, int64_t kCols>
 E2K_INLINE void attend_group(const Problem& P, int64_t b, int64_t kvh, Scratch& w) {
   const int64_t group = P.Hq / P.Hkv, R = group * P.n, d = P.d, rows = w.rows, dim = w.dim;
@@ -233,12 +239,19 @@ E2K_INLINE void attend_group(const Problem& P, int64_t b, int64_t kvh, Scratch& 
   std::fill(m, m + rows, kNegInf);
   std::fill(l, l + rows, 0.0f);
   bool any_branch = false;
+  int64_t first_key = keys.key_end;  // the first key inside some row's window
+  const int32_t* positions = P.window > 0 ? P.positions + b * P.n : nullptr;
   for (int64_t r = 0; r < R; ++r) {
     w.branch[r] = !chain_mask(P.bits + (b * P.n + r % P.n) * P.W, keys.key_end - keys.prefix_end);
     any_branch |= w.branch[r];
+    w.qpos[r] = positions ? positions[r % P.n] : 0;
+    first_key = std::min(first_key, positions ? w.qpos[r] - P.window + 1 : 0);
   }
+  const auto visible_in_window = [&](int64_t r, int64_t key) {
+    return !positions || in_window(w.qpos[r], key_position(positions, p, P.n, key), P.window);
+  };
 
-  for (int64_t k0 = 0; k0 < keys.key_end; k0 += kTileKeys) {
+  for (int64_t k0 = std::max<int64_t>(first_key, 0) / kTileKeys * kTileKeys; k0 < keys.key_end; k0 += kTileKeys) {
     const int64_t kb = std::min(kTileKeys, keys.key_end - k0);
     const int64_t prefix_keys = std::clamp<int64_t>(keys.prefix_end - k0, 0, kb);  // seen by all rows
     if (kb < kTileKeys) {  // last tile: the keys past the end add 0 to scores and outputs
@@ -258,6 +271,9 @@ E2K_INLINE void attend_group(const Problem& P, int64_t b, int64_t kvh, Scratch& 
         const int32_t* words = P.bits + (b * P.n + r % P.n) * P.W;
         for (int64_t j = 0; j < prefix_keys; ++j) sr[j] *= P.scale;
         for (int64_t j = prefix_keys; j < kb; ++j) sr[j] = tree_bit(words, k0 + j - p) ? sr[j] * P.scale : kNegInf;
+        if (positions)
+          for (int64_t j = 0; j < kb; ++j)
+            if (!visible_in_window(r, k0 + j)) sr[j] = kNegInf;
         std::fill(sr + kb, sr + kTileKeys, kNegInf);
       }
       const float corr = softmax_tile_row<kLanes>(sr, m[r], l[r]);
@@ -285,7 +301,10 @@ E2K_INLINE void attend_group(const Problem& P, int64_t b, int64_t kvh, Scratch& 
         if (tree0 + j < keys.prefix_end || tree_bit(words, tree0 + j - p)) w.keys[cnt++] = j;
       for (int64_t t0 = 0; t0 < cnt; t0 += kTileKeys) {
         const int64_t tb = std::min(kTileKeys, cnt - t0);
-        for (int64_t i = 0; i < tb; ++i) st[i] = rs[r * region + w.keys[t0 + i]] * P.scale;
+        for (int64_t i = 0; i < tb; ++i) {
+          const int64_t key = w.keys[t0 + i];
+          st[i] = visible_in_window(r, tree0 + key) ? rs[r * region + key] * P.scale : kNegInf;
+        }
         std::fill(st + tb, st + kTileKeys, kNegInf);
         const float corr = softmax_tile_row<kLanes>(st, m[r], l[r]);
         float* orow = o + r * dim;
@@ -354,11 +373,12 @@ void run(const Problem& P, int64_t max_threads) {
 }  // namespace
 
 void tree_attention_cpu(const void* q, const void* k_cache, const void* v_cache, int dtype,
-                        const int32_t* tree_mask_bits, const int32_t* prefix_len, int64_t B, int64_t Hq,
-                        int64_t Hkv, int64_t n, int64_t S, int64_t d, int64_t W, float scale, void* out,
-                        int64_t threads) {
+                        const int32_t* tree_mask_bits, const int32_t* prefix_len, const int32_t* positions,
+                        int64_t window, int64_t B, int64_t Hq, int64_t Hkv, int64_t n, int64_t S, int64_t d,
+                        int64_t W, float scale, void* out, int64_t threads) {
   if (B <= 0 || Hq <= 0 || Hkv <= 0 || n <= 0 || d <= 0) return;
-  const Problem P{q, k_cache, v_cache, tree_mask_bits, prefix_len, B, Hq, Hkv, n, S, d, W, scale, out};
+  const Problem P{q, k_cache, v_cache, tree_mask_bits, prefix_len, positions, B, Hq, Hkv, n, S, d, W, window, scale,
+                  out};
   if (dtype == kFloat32) {
     run<kFloat32>(P, threads);
   } else if (dtype == kFloat16) {

@@ -16,6 +16,8 @@ def tree_attention(
     prefix_len: torch.Tensor,
     scale: float | None = None,
     *,
+    positions: torch.Tensor | None = None,
+    sliding_window: int | None = None,
     out: torch.Tensor | None = None,
     backend: str | None = None,
 ) -> torch.Tensor:
@@ -31,6 +33,12 @@ def tree_attention(
             read, so prefix_len[b] + 32 * W may exceed S when the trailing bits are zero.
         prefix_len: [B] int32, ragged across the batch.
         scale: softmax scale, default d ** -0.5.
+        positions: [B, n] int32, the queries' positions; needed with sliding_window.
+        sliding_window: a window >= 1, or None (no window). A query at position P then sees only
+            keys at positions above P - sliding_window (Mistral / Gemma sliding layers, as
+            transformers' masks). A key's position is its cache index, except the n tree keys
+            prefix_len[b] + j (j < n), which are the queries themselves: positions[b, j].
+            Keys outside every query's window are not read.
         out: optional preallocated [B, Hq, n, d] output in q's dtype; backend: as for every op.
 
     Returns [B, Hq, n, d] in q's dtype (float32 accumulation). A query that sees no key
@@ -51,36 +59,45 @@ def tree_attention(
     if B == 0 or d == 0:
         check.fail("q", "B >= 1 and d >= 1", tuple(q.shape))
     scale = d**-0.5 if scale is None else check.real("scale", scale, 0.0, float("inf"), lo_open=True)
+    window = 0 if sliding_window is None else check.integer("sliding_window", sliding_window, 1, 2**31 - 1)
+    if window and positions is None:
+        check.fail("positions", "the queries' positions [B, n] int32 (needed with sliding_window)", None)
+    if positions is not None:
+        check.tensor("positions", positions, dtypes=check.INDEX, shape=(B, n), device=dev)
     if out is None:
         out = torch.empty_like(q)
     else:
         check.tensor("out", out, dtypes=(q.dtype,), shape=(B, Hq, n, d), device=dev)
     backend = check.f64_backend("q", q, backend)
-    _tree_attention(q, k_cache, v_cache, tree_mask_bits, prefix_len, scale, backend, out)
+    _tree_attention(q, k_cache, v_cache, tree_mask_bits, prefix_len, scale, positions, window, backend, out)
     return out
 
 
 @_backend.custom_op("tree_attention", ("out",))
 def _tree_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tree_mask_bits: torch.Tensor,
-                    prefix_len: torch.Tensor, scale: float, backend: str | None, out: torch.Tensor) -> None:
+                    prefix_len: torch.Tensor, scale: float, positions: torch.Tensor | None, window: int,
+                    backend: str | None, out: torch.Tensor) -> None:
     """torch.ops.eagle2_kernels.tree_attention: `tree_attention` on validated inputs, into out."""
     S = k_cache.shape[2]
     if q.device.type == "cpu" and bool(((prefix_len < 0) | (prefix_len > S)).any()):
         check.fail("prefix_len", f"values in [0, {S}] (the cache length)", prefix_len.tolist())
-    _backend.dispatch("tree_attention", q.device, backend)(q, k_cache, v_cache, tree_mask_bits, prefix_len, scale, out)
+    _backend.dispatch("tree_attention", q.device, backend)(q, k_cache, v_cache, tree_mask_bits, prefix_len, scale,
+                                                           positions if window else None, window, out)
 
 
-def _reference(q, k_cache, v_cache, tree_mask_bits, prefix_len, scale, out) -> None:
-    out.copy_(reference.tree_attention(q, k_cache, v_cache, tree_mask_bits, prefix_len, scale))
+def _reference(q, k_cache, v_cache, tree_mask_bits, prefix_len, scale, positions, window, out) -> None:
+    out.copy_(reference.tree_attention(q, k_cache, v_cache, tree_mask_bits, prefix_len, scale, positions,
+                                       window or None))
 
 
-def _native(backend, q, k_cache, v_cache, tree_mask_bits, prefix_len, scale, out) -> None:
+def _native(backend, q, k_cache, v_cache, tree_mask_bits, prefix_len, scale, positions, window, out) -> None:
     B, Hq, n, d = q.shape
     Hkv, S, W = k_cache.shape[1], k_cache.shape[2], tree_mask_bits.shape[2]
     _backend.call_native(
         backend, "tree_attention", q,
-        q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), DTYPE_CODE[q.dtype],
-        tree_mask_bits.data_ptr(), prefix_len.data_ptr(), B, Hq, Hkv, n, S, d, W, scale, out.data_ptr(),
+        q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), DTYPE_CODE[q.dtype], tree_mask_bits.data_ptr(),
+        prefix_len.data_ptr(), 0 if positions is None else positions.data_ptr(), window, B, Hq, Hkv, n, S, d, W,
+        scale, out.data_ptr(),
     )
 
 

@@ -7,9 +7,10 @@ for the duration of our forwards (`target_forward`), so the model keeps its usua
 as extra keyword arguments of the model call, which transformers forwards to the attention
 function; the tree positions travel as position_ids. transformers builds no attention mask
 for an implementation it does not know, so the call costs no mask materialisation.
-Every layer attends to its full prefix: a model with sliding-window layers is exact only while
-the context fits in the window, which the decode loop checks (`sliding_window`). Attention
-features tree_attention does not implement make `check_target` refuse the model.
+A layer with a sliding window (Mistral, Qwen2, Gemma 2/3 ...: transformers hands the layer's
+window to the attention function) attends within it, measured in positions, so such targets are
+exact at any length; the cache keeps every key. Attention features tree_attention does not
+implement make `check_target` refuse the model.
 """
 from __future__ import annotations
 
@@ -26,19 +27,24 @@ NAME = "eagle2_tree"
 
 
 def tree_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask_bits: torch.Tensor,
-                prefix_len: torch.Tensor, scale: float) -> torch.Tensor:
+                prefix_len: torch.Tensor, scale: float, positions: torch.Tensor | None = None,
+                sliding_window: int | None = None) -> torch.Tensor:
     """q [B, Hq, n, d], k/v [B, Hkv, S, d] (cache buffers after the update), mask_bits
-    [B, n, W] int32 over the keys from prefix_len [B] on -> [B, n, Hq, d]."""
-    return eagle2_kernels.tree_attention(q.contiguous(), k, v, mask_bits, prefix_len, scale).transpose(1, 2)
+    [B, n, W] int32 over the keys from prefix_len [B] on, positions [B, n] int32 (needed with a
+    sliding window) -> [B, n, Hq, d]."""
+    return eagle2_kernels.tree_attention(q.contiguous(), k, v, mask_bits, prefix_len, scale, positions=positions,
+                                         sliding_window=sliding_window).transpose(1, 2)
 
 
-def _hf_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+def _hf_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, sliding_window=None,
+                  **kwargs):
     """transformers attention function: (attn_output [B, q_len, Hq, d], no weights)."""
     if "eagle2_mask_bits" not in kwargs:
         raise RuntimeError(f"attention implementation {NAME!r} needs the eagle2_mask_bits / eagle2_prefix_len "
                            "keyword arguments; call the model through eagle2.attention.target_forward")
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    return tree_attend(query, key, value, kwargs["eagle2_mask_bits"], kwargs["eagle2_prefix_len"], scale), None
+    return tree_attend(query, key, value, kwargs["eagle2_mask_bits"], kwargs["eagle2_prefix_len"], scale,
+                       kwargs["eagle2_positions"], sliding_window), None
 
 
 AttentionInterface.register(NAME, _hf_attention)
@@ -86,7 +92,9 @@ def _tree_forward(model, input_ids, position_ids, cache, mask_bits, prefix_len, 
     try:
         with skinny_linears(input_ids.device):
             return base(input_ids=input_ids, position_ids=position_ids, use_cache=True, output_hidden_states=hidden_states,
-                        eagle2_mask_bits=mask_bits, eagle2_prefix_len=prefix_len, **{_cache_kwarg(type(base)): cache})
+                        eagle2_mask_bits=mask_bits, eagle2_prefix_len=prefix_len,
+                        eagle2_positions=position_ids.int().contiguous() if sliding_window(config) else None,
+                        **{_cache_kwarg(type(base)): cache})
     finally:
         config._attn_implementation = saved
 
@@ -104,7 +112,7 @@ def target_logits(model, features: torch.Tensor) -> torch.Tensor:
 def check_target(model) -> None:
     """Refuse (ValueError naming the feature) a target whose attention tree_attention cannot
     compute exactly: logit soft-capping, attention sinks, ALiBi, KV shared across layers,
-    encoder-decoder models. Sliding windows are allowed; the loop checks the length."""
+    encoder-decoder models. Sliding windows are computed exactly (tree_attention's window)."""
     config = model.config
     problems = []
     if getattr(config, "is_encoder_decoder", False):
@@ -123,7 +131,8 @@ def check_target(model) -> None:
 
 
 def sliding_window(config) -> int | None:
-    """The smallest attention window among the target's layers, or None (every layer sees all)."""
+    """The smallest attention window among the target's layers, or None (every layer sees all):
+    whether its forwards need the query positions for tree_attention's window."""
     window = getattr(config, "sliding_window", None)
     if not window or getattr(config, "use_sliding_window", True) is False:
         return None

@@ -26,7 +26,7 @@ import torch
 import eagle2_kernels
 from eagle2_kernels import Tree
 
-from .attention import chain_bits, sliding_window, target_forward, target_forward_layers, target_logits
+from .attention import chain_bits, target_forward, target_forward_layers, target_logits
 from .cache import KVCache
 from .tree import Candidates, TreeShape, expand, rerank, root_only
 
@@ -142,12 +142,6 @@ def decode(model, prompts: list[list[int]], max_new_tokens: int, *, head=None, s
         raise ValueError(f"max_new_tokens: expected an int >= 1, got {max_new_tokens!r}")
     if head is not None and shape is None:
         raise ValueError("shape: EAGLE-2 decoding needs a TreeShape")
-    window = sliding_window(model.config)
-    longest = max(len(p) for p in prompts) + max_new_tokens + (shape.total_tokens if head is not None else 1)
-    if window is not None and longest > window:
-        raise ValueError(f"the target has sliding-window attention (window {window}), which eagle2's tree attention "
-                         f"computes exactly only within the window: this call needs up to {longest} positions "
-                         f"(longest prompt + max_new_tokens + tree)")
     dec = Decoder(model, head, shape, sampling, frozenset(eos_ids), max_new_tokens, stream, stop_at)
     batch = prefill(dec, prompts, seed)
     while batch.rows:

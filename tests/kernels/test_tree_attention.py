@@ -1,7 +1,7 @@
 """tree_attention: every backend against eagle2_kernels.reference on fresh random inputs (GQA
 groups, ragged prefixes including 0, verify-sized and draft-sized tree regions, ancestor-closed
-and arbitrary masks, bit 31, rows that see nothing, caches that cut the tree region), plus out=
-and argument checks."""
+and arbitrary masks, bit 31, rows that see nothing, caches that cut the tree region, sliding
+windows), plus out= and argument checks."""
 from __future__ import annotations
 
 import pytest
@@ -36,24 +36,27 @@ def ancestor_rows(parents: list[int], queries: int) -> torch.Tensor:
     return anc[T - queries:]
 
 
-def check(backend: str, q, k, v, bits, prefix_len, scale=None) -> torch.Tensor:
+def check(backend: str, q, k, v, bits, prefix_len, scale=None, positions=None, window=None) -> torch.Tensor:
     """Run backend on (copies of) the CPU inputs; compare with the reference. Rows that see no
     key must be exactly zero."""
     dev = device_of(backend)
-    out = ek.tree_attention(*(t.to(dev) for t in (q, k, v, bits, prefix_len)), scale, backend=backend)
+    out = ek.tree_attention(*(t.to(dev) for t in (q, k, v, bits, prefix_len)), scale, backend=backend,
+                            positions=None if positions is None else positions.to(dev), sliding_window=window)
     assert out.dtype == q.dtype and out.shape == q.shape and out.device.type == dev.type
     out = out.cpu()
     d = q.shape[-1]
-    ref = reference.tree_attention(q, k, v, bits, prefix_len, d**-0.5 if scale is None else scale)
+    ref = reference.tree_attention(q, k, v, bits, prefix_len, d**-0.5 if scale is None else scale, positions, window)
     torch.testing.assert_close(out.float(), ref.float(), **TOL[q.dtype])
-    blind = ~reference.tree_mask_visible(bits, prefix_len, k.shape[2]).any(-1)  # [B, n]
-    assert torch.all(out.transpose(1, 2)[blind] == 0)
+    visible = reference.tree_mask_visible(bits, prefix_len, k.shape[2])
+    if window is not None:
+        visible &= reference.window_visible(positions, prefix_len, k.shape[2], window)
+    assert torch.all(out.transpose(1, 2)[~visible.any(-1)] == 0)  # rows that see no key
     return out
 
 
 @st.composite
 def attention_inputs(draw):
-    """(q, k, v, tree_mask_bits, prefix_len, scale) on CPU."""
+    """(q, k, v, tree_mask_bits, prefix_len, scale, positions, sliding_window) on CPU."""
     g = torch.Generator().manual_seed(draw(st.integers(0, 2**32 - 1)))
     B, Hkv, group = draw(st.integers(1, 3)), draw(st.integers(1, 3)), draw(st.integers(1, 4))
     n, d = draw(st.integers(1, 40)), draw(st.sampled_from([8, 16, 64]))
@@ -67,12 +70,15 @@ def attention_inputs(draw):
     S = int(prefix_len.max()) + draw(st.integers(0, tree + 3))
 
     kind = draw(st.sampled_from(["tree", "random", "sparse"]))
+    # Query positions: each node's prefix_len + depth, as rerank gives them, or anything.
+    positions = torch.randint(0, S + 40, (B, n), generator=g)
     if kind == "tree":  # ancestor-closed rows of random trees, as rerank builds them
         rows = []
         for _ in range(B):
             parents = [-1] + [int(torch.randint(0, j, (1,), generator=g)) for j in range(1, tree)]
             rows.append(ancestor_rows(parents, n))
         visible = torch.nn.functional.pad(torch.stack(rows), (0, 32 * W - tree))
+        positions = prefix_len[:, None] + visible[:, :, :tree].sum(-1) - 1
         bits = ek.pack_mask_bits(visible)
     elif kind == "random":  # every bit pattern, bit 31 and bits past the tree included
         bits = torch.randint(-(2**31), 2**31, (B, n, W), generator=g, dtype=torch.int64).int()
@@ -87,7 +93,8 @@ def attention_inputs(draw):
     k = torch.randn(B, Hkv, S, d, generator=g).to(dtype)
     v = torch.randn(B, Hkv, S, d, generator=g).to(dtype)
     scale = draw(st.sampled_from([None, 0.3]))
-    return q, k, v, bits, prefix_len.int(), scale
+    window = draw(st.sampled_from([None, None, 1, 3, 20, 64, 100, 1000]))
+    return q, k, v, bits, prefix_len.int(), scale, positions.int(), window
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -101,9 +108,11 @@ def test_matches_reference(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("window", [None, 300])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_long_ragged_prefixes(backend, dtype):
-    """Thousands of prefix keys (many tiles; several flash-decoding splits on CUDA), ragged."""
+def test_long_ragged_prefixes(backend, dtype, window):
+    """Thousands of prefix keys (many tiles; several flash-decoding splits on CUDA), ragged; with
+    a sliding window, the splits cover only the keys inside some window."""
     g = torch.Generator().manual_seed(1)
     B, Hkv, group, n, d, S = 3, 2, 4, 12, 64, 2100
     prefix_len = torch.tensor([2000, 700, 0], dtype=torch.int32)
@@ -111,7 +120,8 @@ def test_long_ragged_prefixes(backend, dtype):
     bits = ek.pack_mask_bits(torch.nn.functional.pad(ancestor_rows(parents, n), (0, 32 - n)).expand(B, n, 32))
     q = torch.randn(B, Hkv * group, n, d, generator=g).to(dtype)
     k, v = (torch.randn(B, Hkv, S, d, generator=g).to(dtype) for _ in range(2))
-    check(backend, q, k, v, bits, prefix_len)
+    depth = ancestor_rows(parents, n).sum(-1) - 1
+    check(backend, q, k, v, bits, prefix_len, positions=(prefix_len[:, None] + depth).int(), window=window)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -204,15 +214,25 @@ def test_bad_inputs_cpu():
     for backend in ("cpu", "reference"):  # a zero-width mask: refused alike by every backend
         with pytest.raises(ValueError, match="tree_mask_bits: expected at least 1 word"):
             ek.tree_attention(q, k, v, bits[:, :, :0], prefix_len, backend=backend)
+    positions = torch.tensor([[4, 5, 6]], dtype=torch.int32)
+    with pytest.raises(ValueError, match="sliding_window: expected an int in \\[1, "):
+        ek.tree_attention(q, k, v, bits, prefix_len, positions=positions, sliding_window=0, backend="cpu")
+    with pytest.raises(ValueError, match="positions: expected the queries' positions"):
+        ek.tree_attention(q, k, v, bits, prefix_len, sliding_window=4, backend="cpu")
+    with pytest.raises(ValueError, match="positions: expected shape"):
+        ek.tree_attention(q, k, v, bits, prefix_len, positions=positions[:, :2], sliding_window=4, backend="cpu")
+    with pytest.raises(ValueError, match="positions: expected dtype torch.int32"):
+        ek.tree_attention(q, k, v, bits, prefix_len, positions=positions.long(), sliding_window=4, backend="cpu")
 
 
+@pytest.mark.parametrize("window", [None, 7, 70])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("prefix", [5, 60, 63, 64, 130])
-def test_cpu_rows_equal_one_token_steps_bitwise(dtype, prefix):
+def test_cpu_rows_equal_one_token_steps_bitwise(dtype, prefix, window):
     """Each row of a tree verify computes bitwise what a one-token decode step of that node
     computes once its ancestors are committed (the same visible keys, laid out contiguously):
     the property that makes greedy EAGLE-2 equal plain decoding in any dtype. Trees with
-    branches, prefixes on both sides of the 64-key tiles."""
+    branches, prefixes on both sides of the 64-key tiles, with and without a sliding window."""
     g = torch.Generator().manual_seed(prefix)
     Hq, Hkv, d, m = 4, 2, 32, 24
     parents = [-1] + [int(torch.randint(0, i, (1,), generator=g)) for i in range(1, m)]
@@ -230,11 +250,14 @@ def test_cpu_rows_equal_one_token_steps_bitwise(dtype, prefix):
     for i, chain in enumerate(ancestors):
         visible[i, chain] = True
     bits = reference.pack_mask_bits(visible)[None]
-    tree = ek.tree_attention(q, k, v, bits, torch.tensor([prefix], dtype=torch.int32), backend="cpu")
+    positions = torch.tensor([[prefix + len(chain) - 1 for chain in ancestors]], dtype=torch.int32)
+    tree = ek.tree_attention(q, k, v, bits, torch.tensor([prefix], dtype=torch.int32), backend="cpu",
+                             positions=positions, sliding_window=window)
     for i, chain in enumerate(ancestors):
         slots = list(range(prefix)) + [prefix + a for a in chain]  # the node's keys, contiguous
         n = len(slots)
         one = ek.tree_attention(q[:, :, i:i + 1].contiguous(), k[:, :, slots].contiguous(), v[:, :, slots].contiguous(),
                                 torch.ones(1, 1, 1, dtype=torch.int32), torch.tensor([n - 1], dtype=torch.int32),
-                                backend="cpu")
+                                backend="cpu", positions=torch.tensor([[n - 1]], dtype=torch.int32),
+                                sliding_window=window)
         assert torch.equal(one[:, :, 0], tree[:, :, i]), (i, chain)

@@ -18,9 +18,10 @@ def tiny_target(vocab: int = 160, hidden: int = 64, layers: int = 2, heads: int 
     <family>Config / <family>ForCausalLM pair of the Llama kind). layer_scale < 1 shrinks what
     the layers add to the residual stream, so the next token depends mostly on the current one
     (a draft can guess it); logit_scale > 1 sharpens its next-token distributions (random init
-    gives near-uniform ones)."""
+    gives near-uniform ones). Families whose causal LM takes a text config (Gemma3) get it."""
     torch.manual_seed(seed)
-    config = getattr(transformers, f"{family}Config")(
+    config_cls = getattr(transformers, f"{family}TextConfig", None) or getattr(transformers, f"{family}Config")
+    config = config_cls(
         vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
         num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=context,
         eos_token_id=eos, bos_token_id=1, pad_token_id=0, tie_word_embeddings=False, **config_extra)

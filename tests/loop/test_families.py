@@ -1,17 +1,25 @@
 """Target families beyond Llama (tiny random float64 models, no downloads): greedy EAGLE-2
-equals plain decoding and transformers' greedy generate on Qwen2 (QKV bias), Qwen3 (q/k norms),
-Mistral (a sliding window longer than the context), Phi3 (fused projections) and OLMo2
-(post-norms); targets whose attention tree_attention cannot compute are refused up front."""
+equals plain decoding and transformers' greedy generate on Qwen2 (QKV bias, a sliding window on
+its upper layer), Qwen3 (q/k norms), Mistral (a sliding window on every layer), Gemma 2 and 3
+(alternating sliding and full layers, embedding scaling, final logit soft-capping), Phi3 (fused
+projections) and OLMo2 (post-norms), with contexts well past the windows; targets whose attention
+tree_attention cannot compute are refused up front."""
 import pytest
+import torch
+import transformers
 from loop_helpers import ragged_prompts, random_head, tiny_target
 
 from eagle2 import Generator, TreeShape
+from eagle2.attention import sliding_window
 
+WINDOW = 12  # every prompt + answer below is longer: the windows cut in on every sliding layer
 FAMILIES = {
     "Llama": {},
-    "Qwen2": {},
+    "Qwen2": {"use_sliding_window": True, "sliding_window": WINDOW, "max_window_layers": 1},
     "Qwen3": {"head_dim": 16},
-    "Mistral": {"sliding_window": 200},
+    "Mistral": {"sliding_window": WINDOW},
+    "Gemma2": {"head_dim": 16, "sliding_window": WINDOW, "attn_logit_softcapping": None},
+    "Gemma3": {"head_dim": 16, "sliding_window": WINDOW, "layer_types": ["sliding_attention", "full_attention"]},
     "Phi3": {},
     "Olmo2": {},
 }
@@ -25,14 +33,30 @@ def tiny(family: str, **extra):
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_greedy_equals_plain_and_transformers(family):
     target = tiny(family, **FAMILIES[family])
+    if "sliding_window" in FAMILIES[family]:
+        assert sliding_window(target.config) == WINDOW
     gen = Generator(target, head=random_head(target))
     prompts = ragged_prompts(3, 160, seed=2, max_len=20)
-    vanilla = [r.tokens for r in gen.generate(prompts, max_new_tokens=20, method="vanilla")]
-    assert vanilla == [r.tokens for r in gen.generate(prompts, max_new_tokens=20, method="hf")]
+    assert max(len(p) for p in prompts) + 24 > 2 * WINDOW
+    vanilla = [r.tokens for r in gen.generate(prompts, max_new_tokens=24, method="vanilla")]
+    # transformers one prompt at a time: its left-padded batches put NaN into Gemma's padded rows.
+    assert vanilla == [gen.generate([p], max_new_tokens=24, method="hf")[0].tokens for p in prompts]
     for shape in SHAPES:
-        out = gen.generate(prompts, max_new_tokens=20, total_tokens=shape.total_tokens, depth=shape.depth,
+        out = gen.generate(prompts, max_new_tokens=24, total_tokens=shape.total_tokens, depth=shape.depth,
                            branching=shape.branching)
         assert [r.tokens for r in out] == vanilla, (family, shape)
+
+
+def test_window_changes_the_output():
+    """The windowed families above are not exact by accident: the same Mistral without its window
+    (every layer sees the whole context) generates something else from the same weights."""
+    prompts = ragged_prompts(3, 160, seed=2, max_len=20)
+    outs = []
+    for window in (WINDOW, None):
+        target = tiny("Mistral", sliding_window=window)
+        outs.append([r.tokens for r in Generator(target, head=random_head(target)).generate(
+            prompts, max_new_tokens=24, total_tokens=8, depth=3, branching=3)])
+    assert outs[0] != outs[1]
 
 
 def test_soft_capping_is_refused():
@@ -41,15 +65,17 @@ def test_soft_capping_is_refused():
         Generator(target, head=random_head(target))
 
 
-def test_sliding_window_beyond_the_context_is_refused():
-    target = tiny("Mistral", sliding_window=24)
-    gen = Generator(target, head=random_head(target))
-    gen.generate([[5, 6, 7]], max_new_tokens=8, total_tokens=4, depth=2, branching=2)  # fits: fine
-    with pytest.raises(ValueError, match="sliding-window attention \\(window 24\\)"):
-        gen.generate([[5, 6, 7] * 5], max_new_tokens=16, total_tokens=4, depth=2, branching=2)
+def test_attention_sinks_are_refused():
+    torch.manual_seed(0)
+    config = transformers.GptOssConfig(vocab_size=160, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                       num_local_experts=2, num_experts_per_tok=1, sliding_window=WINDOW)
+    target = transformers.GptOssForCausalLM(config).eval()
+    with pytest.raises(ValueError, match="GptOssForCausalLM: attention sinks is not supported"):
+        Generator(target, head=random_head(target))
 
 
-@pytest.mark.parametrize("family", ["Qwen2", "Qwen3", "Phi3", "Olmo2"])
+@pytest.mark.parametrize("family", ["Qwen2", "Qwen3", "Mistral", "Gemma3", "Phi3", "Olmo2"])
 def test_head_for_target_trains_on_other_families(family):
     """DraftHead.for_target follows the target's config (head_dim, norms' eps, rope) and starts
     from its last layer where the shapes allow; a training step runs and lowers the loss."""

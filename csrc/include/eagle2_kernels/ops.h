@@ -19,9 +19,9 @@ void rerank_cpu(const float* cand_scores, const int32_t* cand_parents, const int
                 int32_t* mask_bits, int32_t* paths, int32_t* num_leaves);
 
 void tree_attention_cpu(const void* q, const void* k_cache, const void* v_cache, int dtype,
-                        const int32_t* tree_mask_bits, const int32_t* prefix_len, int64_t B, int64_t Hq,
-                        int64_t Hkv, int64_t n, int64_t S, int64_t d, int64_t W, float scale, void* out,
-                        int64_t threads);
+                        const int32_t* tree_mask_bits, const int32_t* prefix_len, const int32_t* positions,
+                        int64_t window, int64_t B, int64_t Hq, int64_t Hkv, int64_t n, int64_t S, int64_t d,
+                        int64_t W, float scale, void* out, int64_t threads);
 
 void tree_verify_cpu(const int32_t* tokens, const int32_t* parents, const void* target_logits, int dtype,
                      int64_t B, int64_t m, int64_t V, int64_t L, float temperature, float top_p, int64_t top_k,
@@ -48,9 +48,9 @@ void rerank_cuda(const float* cand_scores, const int32_t* cand_parents, const in
                  int32_t* mask_bits, int32_t* paths, int32_t* num_leaves, void* stream);
 
 void tree_attention_cuda(const void* q, const void* k_cache, const void* v_cache, int dtype,
-                         const int32_t* tree_mask_bits, const int32_t* prefix_len, int64_t B, int64_t Hq,
-                         int64_t Hkv, int64_t n, int64_t S, int64_t d, int64_t W, float scale, void* out,
-                         void* stream);
+                         const int32_t* tree_mask_bits, const int32_t* prefix_len, const int32_t* positions,
+                         int64_t window, int64_t B, int64_t Hq, int64_t Hkv, int64_t n, int64_t S, int64_t d,
+                         int64_t W, float scale, void* out, void* stream);
 
 void tree_verify_cuda(const int32_t* tokens, const int32_t* parents, const void* target_logits, int dtype,
                       int64_t B, int64_t m, int64_t V, int64_t L, float temperature, float top_p, int64_t top_k,
