@@ -224,16 +224,21 @@ def regenerate(model, tokenizer, records: list[dict], args) -> list[tuple[list[d
     for rnd in range(args.max_turns):
         todo, prompts = [], []
         for i in range(len(records)):
-            if rnd < len(users[i]) and not open_end[i] and (rnd == 0 or chats[i][-1]["role"] == "assistant"):
+            answered = bool(chats[i]) and chats[i][-1]["role"] == "assistant"  # every earlier user turn
+            if rnd < len(users[i]) and not open_end[i] and (rnd == 0 or answered):
                 ids = chat_ids(tokenizer, chats[i] + [users[i][rnd]], generation_prompt=True)
                 if len(ids) + args.max_new_tokens <= args.max_len:
                     todo.append(i)
                     prompts.append(ids)
         by_len = sorted(range(len(todo)), key=lambda j: len(prompts[j]))
+        batches = -(-len(by_len) // args.batch_size)
         for b in range(0, len(by_len), args.batch_size):
             part = by_len[b:b + args.batch_size]
             rows = hf_generate(model, [prompts[j] for j in part], args.max_new_tokens, sampling=sampling,
                                eos_ids=stop, pad_id=tokenizer.pad_token_id)
+            new = sum(len(row.tokens) for row in rows)
+            _log(f"  turn {rnd + 1}/{args.max_turns}, batch {b // args.batch_size + 1}/{batches}: {len(part)} answers, "
+                 f"{new} tokens in {rows[0].seconds:.0f} s ({new / max(rows[0].seconds, 1e-9):.1f}/s)")
             for j, row in zip(part, rows):
                 i = todo[j]
                 chats[i] += [users[i][rnd], {"role": "assistant", "content": tokenizer.decode(row.tokens, skip_special_tokens=True)}]

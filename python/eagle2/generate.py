@@ -28,6 +28,7 @@ from eagle2_kernels import Tree
 
 from .attention import chain_bits, target_forward, target_forward_layers, target_logits
 from .cache import KVCache
+from .threads import ThreadGovernor
 from .tree import Candidates, TreeShape, expand, rerank, root_only
 
 
@@ -143,10 +144,13 @@ def decode(model, prompts: list[list[int]], max_new_tokens: int, *, head=None, s
     if head is not None and shape is None:
         raise ValueError("shape: EAGLE-2 decoding needs a TreeShape")
     dec = Decoder(model, head, shape, sampling, frozenset(eos_ids), max_new_tokens, stream, stop_at)
-    batch = prefill(dec, prompts, seed)
-    while batch.rows:
-        tree, _ = speculate(dec, batch)
-        verify(dec, batch, tree)
+    with ThreadGovernor(model.device) as threads:
+        threads.step()
+        batch = prefill(dec, prompts, seed)
+        while batch.rows:
+            threads.step()
+            tree, _ = speculate(dec, batch)
+            verify(dec, batch, tree)
     return batch.results
 
 

@@ -77,3 +77,29 @@ def test_shards_round_trip_compactly(tmp_path):
         assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.loss_mask, b.loss_mask)
     with np.load(tmp_path / "shard-00000.npz") as z:  # 16-bit ids, 1-bit mask
         assert z["input_ids"].dtype == np.uint16 and z["loss_mask"].shape == (-(-323 // 8),)
+
+
+def test_regenerate_skips_what_does_not_fit_and_continues_what_does(tokenizer):
+    """Self-distillation (mode greedy): a first user turn too long for max_len leaves its record
+    without answers (its later turns too, which would lack their context); the other records
+    get the target's own answers, turn after turn."""
+    from argparse import Namespace
+
+    from loop_helpers import tiny_target
+
+    from eagle2.data import regenerate
+
+    target = tiny_target(vocab=len(tokenizer), eos=1)
+    lm_head = torch.nn.Linear(target.config.hidden_size, len(tokenizer), dtype=torch.float64)
+    with torch.no_grad():
+        lm_head.weight.copy_(target.lm_head.weight)
+        lm_head.bias.zero_()[1] = 1e3  # every answer ends at once (EOS), so every turn is answered
+    target.lm_head = lm_head
+    turns = [{"role": "user", "content": "w3 w4"}, {"role": "assistant", "content": "w5"},
+             {"role": "user", "content": "w6"}, {"role": "assistant", "content": "w7"}]
+    long = [{"role": "user", "content": " ".join(["w3"] * 40)}] + turns[1:]
+    args = Namespace(mode="greedy", max_turns=2, max_new_tokens=4, max_len=24, batch_size=8, temperature=0.0, top_p=1.0)
+    (skipped, _), (answered, _) = regenerate(target, tokenizer, [{"turns": long}, {"turns": turns}], args)
+    assert skipped == []
+    assert [m["role"] for m in answered] == ["user", "assistant", "user", "assistant"]
+    assert [answered[0]["content"], answered[2]["content"]] == ["w3 w4", "w6"]
