@@ -83,7 +83,7 @@ __host__ __device__ constexpr int round_up(int x, int to) { return (x + to - 1) 
 // pitch in T elements), which keeps two blocks of 64 rows x d = 128 within an SM.
 struct Smem {
   int ld_in, ld_s, ld_p, ld_o;  // Q/K/V tiles (T), scores (float), weights (T), output (float)
-  int q, k, v, s, o, m, l, corr, bytes;
+  int q, k, v, s, o, m, l, corr, first, bytes;
 };
 
 template <typename T>
@@ -107,6 +107,7 @@ __host__ __device__ Smem smem_layout(int rows, int dp) {
   L.m = take(rows * int(sizeof(float)));
   L.l = take(rows * int(sizeof(float)));
   L.corr = take(rows * int(sizeof(float)));
+  L.first = take(int(sizeof(int)));  // dynamic, not static: the opt-in limit counts only dynamic bytes
   L.bytes = at;
   return L;
 }
@@ -251,13 +252,15 @@ __global__ void __launch_bounds__(kThreads)
   const int32_t p = A.prefix_len[b];
   const TreeKeys keys = tree_keys(p, A.S, A.W);
   const int32_t* positions = A.window > 0 ? A.positions + b * A.n : nullptr;
-  __shared__ int first_pos;  // the smallest query position among the block's rows
-  if (threadIdx.x == 0) first_pos = INT_MAX;
+  int* first_pos = reinterpret_cast<int*>(smem + L.first);  // the smallest query position of the block
+  if (threadIdx.x == 0) *first_pos = INT_MAX;
   __syncthreads();
-  if (positions && threadIdx.x < valid_rows) atomicMin(&first_pos, positions[(r0 + threadIdx.x) % A.n]);
+  if (positions && threadIdx.x < valid_rows) atomicMin(first_pos, positions[(r0 + threadIdx.x) % A.n]);
   __syncthreads();
-  const int64_t first_key = positions ? max(int64_t(first_pos) - A.window + 1, int64_t(0)) : 0;
-  const int64_t k_first = min(first_key / kTileKeys * kTileKeys, keys.key_end);
+  // The first key inside some row's window; never past the tile holding the prefix end, since a
+  // tree key's position is its query's, not its index.
+  const int64_t first_key = positions ? max(int64_t(*first_pos) - A.window + 1, int64_t(0)) : 0;
+  const int64_t k_first = min(first_key, keys.prefix_end) / kTileKeys * kTileKeys;
   // This split's run of keys: [k_first, key_end) cut into `splits` equal runs of whole tiles.
   const int64_t chunk = (keys.key_end - k_first + A.splits - 1) / A.splits;
   const int64_t run = (chunk + kTileKeys - 1) / kTileKeys * kTileKeys;

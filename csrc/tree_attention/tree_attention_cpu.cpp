@@ -239,7 +239,9 @@ E2K_INLINE void attend_group(const Problem& P, int64_t b, int64_t kvh, Scratch& 
   std::fill(m, m + rows, kNegInf);
   std::fill(l, l + rows, 0.0f);
   bool any_branch = false;
-  int64_t first_key = keys.key_end;  // the first key inside some row's window
+  // The first key inside some row's window; never past the prefix end, since a tree key's
+  // position is its query's, not its index.
+  int64_t first_key = keys.prefix_end;
   const int32_t* positions = P.window > 0 ? P.positions + b * P.n : nullptr;
   for (int64_t r = 0; r < R; ++r) {
     w.branch[r] = !chain_mask(P.bits + (b * P.n + r % P.n) * P.W, keys.key_end - keys.prefix_end);

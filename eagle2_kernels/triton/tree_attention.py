@@ -99,8 +99,9 @@ def _tree_attention_kernel(q_ptr, k_ptr, v_ptr, bits_ptr, prefix_ptr, pos_ptr, o
     qpos = tl.zeros([BLOCK_M], tl.int64)
     if WINDOW:
         qpos = tl.load(pos_row + rows % n, mask=row_ok, other=0).to(tl.int64)
-        first_key = tl.min(tl.where(row_ok, qpos, S)) - window + 1  # tiles before it: outside every window
-        first = tl.maximum(first_key, 0) // BLOCK_N * BLOCK_N
+        first_key = tl.min(tl.where(row_ok, qpos, 2**31 - 1)) - window + 1  # before it: outside every window
+        # Never past the prefix end's tile: a tree key's position is its query's, not its index.
+        first = tl.minimum(tl.maximum(first_key, 0) // BLOCK_N * BLOCK_N, tree_start)
     for start in range(first, tree_start, BLOCK_N):
         acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, k_rows, v_rows, start + tl.arange(0, BLOCK_N), cols, d,
                                      key_end, prefix_end, p, word_rows, W, row_ok, qk_scale, pos_row, n, qpos, window,

@@ -8,9 +8,10 @@ as extra keyword arguments of the model call, which transformers forwards to the
 function; the tree positions travel as position_ids. transformers builds no attention mask
 for an implementation it does not know, so the call costs no mask materialisation.
 A layer with a sliding window (Mistral, Qwen2, Gemma 2/3 ...: transformers hands the layer's
-window to the attention function) attends within it, measured in positions, so such targets are
-exact at any length; the cache keeps every key. Attention features tree_attention does not
-implement make `check_target` refuse the model.
+window to the attention function; Qwen2-MoE keeps it on the attention module) attends within
+it, measured in positions, so such targets are exact at any length; the cache keeps every key.
+Attention features tree_attention does not implement, and windows applied only through the
+attention mask we never build, make `check_target` refuse the model.
 """
 from __future__ import annotations
 
@@ -36,15 +37,17 @@ def tree_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask_bits: to
                                          sliding_window=sliding_window).transpose(1, 2)
 
 
-def _hf_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, sliding_window=None,
-                  **kwargs):
-    """transformers attention function: (attn_output [B, q_len, Hq, d], no weights)."""
+def _hf_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """transformers attention function: (attn_output [B, q_len, Hq, d], no weights). The layer's
+    window: the sliding_window keyword when the layer passes one (None: a full layer), else the
+    module's own attribute (Qwen2-MoE)."""
     if "eagle2_mask_bits" not in kwargs:
         raise RuntimeError(f"attention implementation {NAME!r} needs the eagle2_mask_bits / eagle2_prefix_len "
                            "keyword arguments; call the model through eagle2.attention.target_forward")
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    window = kwargs["sliding_window"] if "sliding_window" in kwargs else getattr(module, "sliding_window", None)
     return tree_attend(query, key, value, kwargs["eagle2_mask_bits"], kwargs["eagle2_prefix_len"], scale,
-                       kwargs["eagle2_positions"], sliding_window), None
+                       kwargs["eagle2_positions"], window), None
 
 
 AttentionInterface.register(NAME, _hf_attention)
@@ -93,7 +96,7 @@ def _tree_forward(model, input_ids, position_ids, cache, mask_bits, prefix_len, 
         with skinny_linears(input_ids.device):
             return base(input_ids=input_ids, position_ids=position_ids, use_cache=True, output_hidden_states=hidden_states,
                         eagle2_mask_bits=mask_bits, eagle2_prefix_len=prefix_len,
-                        eagle2_positions=position_ids.int().contiguous() if sliding_window(config) else None,
+                        eagle2_positions=position_ids.int().contiguous(),
                         **{_cache_kwarg(type(base)): cache})
     finally:
         config._attn_implementation = saved
@@ -125,14 +128,37 @@ def check_target(model) -> None:
         problems.append(f"KV caches shared across layers (num_kv_shared_layers={config.num_kv_shared_layers})")
     if any(getattr(m, "sinks", None) is not None for m in model.modules()):
         problems.append("attention sinks")
+    if sliding_window(config) is not None:
+        masked = _windows_only_in_mask(model)
+        if masked:
+            problems.append(f"a sliding window applied only through the attention mask ({', '.join(masked)} "
+                            "neither passes it to the attention function nor stores it)")
     if problems:
         raise ValueError(f"target {type(model).__name__}: {'; '.join(problems)} is not supported by eagle2's tree "
                          "attention (the output would not equal the model's own)")
 
 
+def _windows_only_in_mask(model) -> list[str]:
+    """The attention classes (modules with a layer_idx and q/k/v projections) whose windows only
+    the model's mask carries: their forward never names sliding_window and none of their layers
+    keeps one as an attribute (PhiMoE, Doge). A forward whose source cannot be read counts."""
+    layers: dict[type, list] = {}
+    for m in model.modules():
+        if hasattr(m, "layer_idx") and any(hasattr(m, p) for p in ("q_proj", "qkv_proj", "k_proj")):
+            layers.setdefault(type(m), []).append(m)
+    masked = []
+    for cls, modules in layers.items():
+        try:
+            named = "sliding_window" in inspect.getsource(cls.forward)
+        except (OSError, TypeError):
+            named = False
+        if not named and not any(hasattr(m, "sliding_window") for m in modules):
+            masked.append(cls.__name__)
+    return sorted(masked)
+
+
 def sliding_window(config) -> int | None:
-    """The smallest attention window among the target's layers, or None (every layer sees all):
-    whether its forwards need the query positions for tree_attention's window."""
+    """The smallest attention window among the target's layers, or None (every layer sees all)."""
     window = getattr(config, "sliding_window", None)
     if not window or getattr(config, "use_sliding_window", True) is False:
         return None

@@ -125,6 +125,21 @@ def test_long_ragged_prefixes(backend, dtype, window):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("prefix, n, first_position, window", [(63, 2, 64, 1), (0, 100, 1000, 4), (130, 5, 400, 2)])
+def test_window_over_tree_keys_positioned_past_their_index(backend, prefix, n, first_position, window):
+    """Tree keys take their queries' positions, which may lie past their cache index (as with a
+    draft cache one token behind): a window starting beyond a tree key's index must still see it."""
+    g = torch.Generator().manual_seed(n)
+    B, Hkv, group, d = 1, 2, 2, 16
+    S = prefix + n
+    q = torch.randn(B, Hkv * group, n, d, generator=g)
+    k, v = torch.randn(B, Hkv, S, d, generator=g), torch.randn(B, Hkv, S, d, generator=g)
+    bits = ek.pack_mask_bits(torch.ones(n, n, dtype=torch.bool).tril())[None].contiguous()
+    positions = (first_position + torch.arange(n, dtype=torch.int32))[None]
+    check(backend, q, k, v, bits, torch.tensor([prefix], dtype=torch.int32), positions=positions, window=window)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_single_visible_key_bit31(backend):
     """With prefix 0, a query whose only bit is bit 31 of word 0 (or bit 0 of word 1) sees
     exactly one key: its output is that key's value row."""

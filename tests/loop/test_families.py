@@ -2,8 +2,9 @@
 equals plain decoding and transformers' greedy generate on Qwen2 (QKV bias, a sliding window on
 its upper layer), Qwen3 (q/k norms), Mistral (a sliding window on every layer), Gemma 2 and 3
 (alternating sliding and full layers, embedding scaling, final logit soft-capping), Phi3 (fused
-projections) and OLMo2 (post-norms), with contexts well past the windows; targets whose attention
-tree_attention cannot compute are refused up front."""
+projections), OLMo2 (post-norms) and Qwen2-MoE (a window kept on the attention module), with
+contexts well past the windows; targets whose attention tree_attention cannot compute are
+refused up front."""
 import pytest
 import torch
 import transformers
@@ -57,6 +58,37 @@ def test_window_changes_the_output():
         outs.append([r.tokens for r in Generator(target, head=random_head(target)).generate(
             prompts, max_new_tokens=24, total_tokens=8, depth=3, branching=3)])
     assert outs[0] != outs[1]
+
+
+def test_qwen2_moe_window_kept_on_the_attention_module():
+    """Qwen2-MoE keeps a sliding layer's window on its attention module instead of passing it to
+    the attention function: eagle2 reads it there and stays exact past the window."""
+    torch.manual_seed(0)
+    config = transformers.Qwen2MoeConfig(
+        vocab_size=160, hidden_size=64, intermediate_size=64, moe_intermediate_size=32,
+        shared_expert_intermediate_size=32, num_experts=2, num_experts_per_tok=1, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, use_sliding_window=True, sliding_window=WINDOW,
+        max_window_layers=2, max_position_embeddings=256, eos_token_id=2, bos_token_id=1, pad_token_id=0,
+        experts_implementation="eager")  # the grouped matmul has no float64
+    target = transformers.Qwen2MoeForCausalLM(config).double().eval()
+    assert any(getattr(m, "sliding_window", None) == WINDOW for m in target.modules())
+    gen = Generator(target, head=random_head(target))
+    prompts = ragged_prompts(3, 160, seed=2, max_len=20)
+    vanilla = [r.tokens for r in gen.generate(prompts, max_new_tokens=24, method="vanilla")]
+    assert vanilla == [gen.generate([p], max_new_tokens=24, method="hf")[0].tokens for p in prompts]
+    out = gen.generate(prompts, max_new_tokens=24, total_tokens=8, depth=3, branching=3)
+    assert [r.tokens for r in out] == vanilla
+
+
+def test_window_only_in_the_mask_is_refused():
+    """PhiMoE applies its window only through the attention mask, which eagle2 never builds."""
+    torch.manual_seed(0)
+    config = transformers.PhimoeConfig(vocab_size=160, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, num_local_experts=2,
+                                       num_experts_per_tok=2, sliding_window=WINDOW, max_position_embeddings=256)
+    target = transformers.PhimoeForCausalLM(config).eval()
+    with pytest.raises(ValueError, match="a sliding window applied only through the attention mask \\(PhimoeAttention"):
+        Generator(target, head=random_head(target))
 
 
 def test_soft_capping_is_refused():
