@@ -35,7 +35,7 @@ from eagle2.attention import chain_bits, target_forward, target_logits
 from eagle2.autotune import median_times
 from eagle2.cache import KVCache
 from eagle2.generate import hf_generate
-from eagle2.linear import blas_linears
+from eagle2.linear import blas_linears, skinny_twin
 from eagle2.tree import TreeShape, expand, rerank
 
 SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
@@ -52,7 +52,7 @@ def medians(fns: dict, repeats: int) -> dict:
 @torch.inference_mode()
 def target_phases(gen, sizes, repeats: int) -> dict:
     """{m: {body, lm_head, tree_verify, kv_compact}} in ms for a chain of m tree tokens."""
-    model = gen.model
+    model = skinny_twin(gen.model)  # as the decode loop runs it
     lm_head = model.get_output_embeddings()
     dev, dtype = lm_head.weight.device, lm_head.weight.dtype
     g = torch.Generator().manual_seed(0)
@@ -82,7 +82,7 @@ def target_phases(gen, sizes, repeats: int) -> dict:
 @torch.inference_mode()
 def draft_phases(gen, shape: TreeShape, repeats: int) -> dict:
     """Catch-up, each growth depth (cumulative growth times differenced) and rerank, in ms."""
-    model, head = gen.model, gen.head
+    model, head = gen.model, skinny_twin(gen.head)
     dev, dtype = model.get_output_embeddings().weight.device, model.get_output_embeddings().weight.dtype
     g = torch.Generator().manual_seed(1)
     V = model.get_output_embeddings().weight.shape[0]

@@ -22,7 +22,6 @@ from transformers import AttentionInterface
 
 import eagle2_kernels
 
-from .linear import skinny_linears
 
 NAME = "eagle2_tree"
 
@@ -72,8 +71,8 @@ def target_forward(model, input_ids: torch.Tensor, position_ids: torch.Tensor, c
     input_ids, position_ids [B, n]; cache: a KVCache whose rows receive the n tokens at their
     current lengths; mask_bits [B, n, W] int32, visibility among the new tokens (the prefix,
     keys before prefix_len [B], is always visible). Returns the features [B, n, h] (the final
-    normed hidden states; the caller applies the lm_head where it needs logits). On the CPU its
-    linear layers run on skinny_linear (eagle2.linear).
+    normed hidden states; the caller applies the lm_head where it needs logits). The decode loop
+    passes eagle2.linear.skinny_twin(model), whose linear layers run on skinny_linear on the CPU.
     """
     return _tree_forward(model, input_ids, position_ids, cache, mask_bits, prefix_len).last_hidden_state
 
@@ -93,21 +92,18 @@ def _tree_forward(model, input_ids, position_ids, cache, mask_bits, prefix_len, 
     saved = config._attn_implementation
     config._attn_implementation = NAME
     try:
-        with skinny_linears(input_ids.device):
-            return base(input_ids=input_ids, position_ids=position_ids, use_cache=True, output_hidden_states=hidden_states,
-                        eagle2_mask_bits=mask_bits, eagle2_prefix_len=prefix_len,
-                        eagle2_positions=position_ids.int().contiguous(),
-                        **{_cache_kwarg(type(base)): cache})
+        return base(input_ids=input_ids, position_ids=position_ids, use_cache=True, output_hidden_states=hidden_states,
+                    eagle2_mask_bits=mask_bits, eagle2_prefix_len=prefix_len, eagle2_positions=position_ids.int().contiguous(),
+                    **{_cache_kwarg(type(base)): cache})
     finally:
         config._attn_implementation = saved
 
 
 def target_logits(model, features: torch.Tensor) -> torch.Tensor:
     """The target's lm_head over features [B, n, h] -> logits [B, n, V] (on skinny_linear on
-    the CPU, like the rest of our forwards), soft-capped as the model's own forward does when
-    its config says so (final_logit_softcapping, Gemma 2)."""
-    with skinny_linears(features.device):
-        logits = model.get_output_embeddings()(features)
+    the CPU when model is a skinny_twin, like the rest of our forwards), soft-capped as the
+    model's own forward does when its config says so (final_logit_softcapping, Gemma 2)."""
+    logits = model.get_output_embeddings()(features)
     cap = getattr(model.config, "final_logit_softcapping", None)
     return logits if cap is None else torch.tanh(logits / cap) * cap
 

@@ -52,6 +52,7 @@ import eagle2_kernels
 from .attention import chain_bits, target_logits
 from .cache import KVCache
 from .generate import forward_for_draft
+from .linear import skinny_twin
 from .tree import TreeShape, expand, rerank
 
 TREE_SIZES = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64)
@@ -72,7 +73,7 @@ CALIBRATION_TOKENS = 64
 PRIOR_STEPS = 20
 # exp(score) bin edges of the calibration map (finer where draft confidences cluster).
 BIN_EDGES = np.array([0.0, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0 + 1e-9])
-FORMAT = 3  # bump when the cached measurements change meaning (3: skinny_linear verify costs)
+FORMAT = 4  # bump when the cached measurements change meaning (3: skinny_linear verify costs; 4: on the skinny twin)
 
 _MEMO: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
@@ -231,7 +232,8 @@ def capture_steps(gen, prompts, shape: TreeShape, temperature: float = 0.0,
     steps = []
     for i, prompt in enumerate(prompts):
         ids = gen.encode(prompt)
-        dec = Decoder(gen.model, gen.head, shape, Sampling(temperature), gen.eos_ids, max_new_tokens)
+        dec = Decoder(skinny_twin(gen.model), skinny_twin(gen.head), shape, Sampling(temperature), gen.eos_ids,
+                      max_new_tokens)
         drafted = []  # per step: the candidates and the root's position
         with torch.inference_mode():
             batch = prefill(dec, [ids], seed=i)
@@ -309,7 +311,7 @@ def measure_costs(gen, sizes=None, depths=None, branchings=None, prefix: int | N
 
 
 def _measure_costs_once(gen, sizes, depths, branchings, prefix, repeats, progress) -> tuple[Costs, float]:
-    model, head = gen.model, gen.head
+    model, head = skinny_twin(gen.model), skinny_twin(gen.head)  # as the decode loop runs them
     config = model.config
     lm_head = model.get_output_embeddings()
     param = next(model.parameters())

@@ -37,7 +37,7 @@ from transformers.models.llama.modeling_llama import (
 )
 
 from .attention import tree_attend
-from .linear import skinny_linears
+from .linear import linear
 from .model import head_dim
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -253,16 +253,14 @@ class DraftHead(HeadBase):
         unroll (training-time test, no cache): an Unroll that collects each call's keys and
         values; a call with keys in it is the next unroll step (see train.unrolled).
         """
-        with skinny_linears(features.device):
-            emb = self._embedding()(next_tokens)
-            x = self.fc(torch.cat([emb.to(self.fc.weight.dtype), features.to(self.fc.weight.dtype)], dim=-1))
-            cos, sin = self.rotary_emb(x, position_ids)
-            return self.layers[0](x, cos, sin, cache, mask_bits, prefix_len, unroll)
+        emb = self._embedding()(next_tokens)
+        x = self.fc(torch.cat([emb.to(self.fc.weight.dtype), features.to(self.fc.weight.dtype)], dim=-1))
+        cos, sin = self.rotary_emb(x, position_ids)
+        return self.layers[0](x, cos, sin, cache, mask_bits, prefix_len, unroll)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Draft logits [..., Vd] (Vd = len(d2t), else the target's vocabulary)."""
-        with skinny_linears(hidden.device):
-            return F.linear(hidden, self._lm_weight().to(hidden.dtype))
+        return linear(hidden, self._lm_weight().to(hidden.dtype))
 
     def target_logits(self, features: torch.Tensor) -> torch.Tensor:
         """The target's logits over the draft vocabulary from its final features: the head's

@@ -44,7 +44,7 @@ from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm, Lla
 from .draft import (
     DraftAttention, DraftHead, HeadBase, check_keys, config_for, config_json, llama_config, read_config, read_weights,
 )
-from .linear import skinny_linears
+from .linear import linear
 
 ARCHITECTURE = "LlamaForCausalLMEagle3"
 _CONFIG_ONLY = ("draft_vocab_size", "eagle_config", "eagle_aux_hidden_state_layer_ids", "target_hidden_size",
@@ -213,19 +213,17 @@ class Eagle3Head(HeadBase):
         mask_bits, prefix_len, unroll as DraftHead.forward."""
         if self._target is None:
             raise RuntimeError("draft head: call attach(target) first (it reuses the target's embedding)")
-        with skinny_linears(features.device):
-            dtype = self.fc.weight.dtype
-            emb = self._target[0](next_tokens).to(dtype)
-            hidden = features.to(dtype)
-            if hidden.shape[-1] == self.fc.in_features:
-                hidden = self.fc(hidden)
-            cos, sin = self.rotary_emb(hidden, position_ids)
-            return self.midlayer(emb, hidden, cos, sin, cache, mask_bits, prefix_len, unroll)
+        dtype = self.fc.weight.dtype
+        emb = self._target[0](next_tokens).to(dtype)
+        hidden = features.to(dtype)
+        if hidden.shape[-1] == self.fc.in_features:
+            hidden = self.fc(hidden)
+        cos, sin = self.rotary_emb(hidden, position_ids)
+        return self.midlayer(emb, hidden, cos, sin, cache, mask_bits, prefix_len, unroll)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Draft logits [..., Vd] over the draft vocabulary."""
-        with skinny_linears(hidden.device):
-            return F.linear(self.norm(hidden), self.lm_head.weight.to(hidden.dtype))
+        return linear(self.norm(hidden), self.lm_head.weight.to(hidden.dtype))
 
     def target_logits(self, features: torch.Tensor) -> torch.Tensor:
         """The target's own logits over the draft vocabulary [..., Vd] from its final features

@@ -28,6 +28,7 @@ from eagle2_kernels import Tree
 
 from .attention import chain_bits, target_forward, target_forward_layers, target_logits
 from .cache import KVCache
+from .linear import skinny_twin
 from .threads import ThreadGovernor
 from .tree import Candidates, TreeShape, expand, rerank, root_only
 
@@ -143,7 +144,8 @@ def decode(model, prompts: list[list[int]], max_new_tokens: int, *, head=None, s
         raise ValueError(f"max_new_tokens: expected an int >= 1, got {max_new_tokens!r}")
     if head is not None and shape is None:
         raise ValueError("shape: EAGLE-2 decoding needs a TreeShape")
-    dec = Decoder(model, head, shape, sampling, frozenset(eos_ids), max_new_tokens, stream, stop_at)
+    dec = Decoder(skinny_twin(model), skinny_twin(head), shape, sampling, frozenset(eos_ids), max_new_tokens, stream,
+                  stop_at)
     with ThreadGovernor(model.device) as threads:
         threads.step()
         batch = prefill(dec, prompts, seed)
