@@ -106,7 +106,7 @@ def _tree_attention_kernel(q_ptr, k_ptr, v_ptr, bits_ptr, prefix_ptr, pos_ptr, o
         acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, k_rows, v_rows, start + tl.arange(0, BLOCK_N), cols, d,
                                      key_end, prefix_end, p, word_rows, W, row_ok, qk_scale, pos_row, n, qpos, window,
                                      False, WINDOW, DOT_F32)
-    for start in range(tl.maximum(tree_start, first), key_end, BLOCK_N):
+    for start in range(tree_start, key_end, BLOCK_N):
         acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, k_rows, v_rows, start + tl.arange(0, BLOCK_N), cols, d,
                                      key_end, prefix_end, p, word_rows, W, row_ok, qk_scale, pos_row, n, qpos, window,
                                      True, WINDOW, DOT_F32)

@@ -46,7 +46,7 @@ def _hf_attention(module, query, key, value, attention_mask, scaling=None, dropo
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     window = kwargs["sliding_window"] if "sliding_window" in kwargs else getattr(module, "sliding_window", None)
     return tree_attend(query, key, value, kwargs["eagle2_mask_bits"], kwargs["eagle2_prefix_len"], scale,
-                       kwargs["eagle2_positions"], window), None
+                       kwargs["eagle2_positions"] if window else None, window), None
 
 
 AttentionInterface.register(NAME, _hf_attention)

@@ -230,10 +230,10 @@ def capture_steps(gen, prompts, shape: TreeShape, temperature: float = 0.0,
     from .generate import Decoder, Sampling, prefill, speculate, verify
 
     steps = []
+    dec = Decoder(skinny_twin(gen.model), skinny_twin(gen.head), shape, Sampling(temperature), gen.eos_ids,
+                  max_new_tokens)
     for i, prompt in enumerate(prompts):
         ids = gen.encode(prompt)
-        dec = Decoder(skinny_twin(gen.model), skinny_twin(gen.head), shape, Sampling(temperature), gen.eos_ids,
-                      max_new_tokens)
         drafted = []  # per step: the candidates and the root's position
         with torch.inference_mode():
             batch = prefill(dec, [ids], seed=i)

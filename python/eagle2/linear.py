@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import math
 
 import torch
@@ -31,6 +32,7 @@ _force_blas = False  # set only inside blas_linears()
 
 
 @torch.compiler.assume_constant_result  # a compiled step takes the answer, not a trace of the import
+@functools.cache  # asked by every linear layer of a step; the answer is fixed per process
 def _cpu_kernels() -> bool:
     return eagle2_kernels.backends()["cpu"] == "available"
 
