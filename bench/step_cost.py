@@ -14,6 +14,10 @@ phases interleaved round-robin so machine drift hits all alike):
                above do not explain (Python, commit, cache bookkeeping)
   hf           transformers' own greedy `generate` per generated token on the same model: the
                baseline the decode loop must beat
+  flops        the linear layers' work per token (decoder layers, lm_head), and the 15 extra
+               tokens' work of a 16-token verify over its extra time (`marginal_gflop_per_s`;
+               it can exceed the arithmetic peak where a one-token forward waits on memory):
+               m tokens cannot cost about one token once that arithmetic sets the time
 The JSON holds at least {"target_ms": {"1": ..., "16": ...}, "hf_token_ms": ..., "machine": ...}.
 """
 from __future__ import annotations
@@ -89,7 +93,7 @@ def draft_phases(gen, shape: TreeShape, repeats: int) -> dict:
     ids = lambda n: torch.randint(V, (1, n), generator=g).to(dev)  # noqa: E731
     plen = torch.tensor([PREFIX], dtype=torch.int32, device=dev)
     feats = torch.randn(1, PREFIX, model.config.hidden_size, generator=g).to(dev, dtype)
-    cache = KVCache(1, 1, head.config.num_key_value_heads, PREFIX + shape.depth * shape.branching + 8,
+    cache = KVCache(head.config.num_hidden_layers, 1, head.config.num_key_value_heads, PREFIX + shape.depth * shape.branching + 8,
                     head.config.head_dim, dtype, dev)
     with torch.inference_mode():
         hidden = head(feats, ids(PREFIX), torch.arange(1, PREFIX + 1, device=dev)[None], cache=cache,
@@ -106,6 +110,14 @@ def draft_phases(gen, shape: TreeShape, repeats: int) -> dict:
         got = medians(fns, repeats)
     depths = {str(d): round(got[f"grow_{d}"] - (got[f"grow_{d - 1}"] if d > 1 else 0.0), 3) for d in range(1, shape.depth + 1)}
     return {"catch_up": got["catch_up"], "depth": depths, "growth": got[f"grow_{shape.depth}"], "rerank": got["rerank"]}
+
+
+def linear_mflop(model) -> dict:
+    """MFLOP per token of the target's linear layers (2 x in x out each): decoder layers, lm_head."""
+    lm_head = model.get_output_embeddings()
+    body = sum(2 * m.in_features * m.out_features for m in model.modules()
+               if isinstance(m, torch.nn.Linear) and m is not lm_head)
+    return {"body": round(body / 1e6, 2), "lm_head": round(2 * lm_head.in_features * lm_head.out_features / 1e6, 2)}
 
 
 def loop_step(gen, shape: TreeShape, new_tokens: int) -> dict:
@@ -157,6 +169,9 @@ def main() -> int:
     parts = target_phases(gen, sizes, args.repeats)
     out["target_parts_ms"] = {str(m): v for m, v in parts.items()}
     out["target_ms"] = {str(m): round(sum(v.values()), 3) for m, v in parts.items()}
+    out["linear_mflop_per_token"] = flop = linear_mflop(gen.model)
+    if 1 in parts and 16 in parts:  # MFLOP per ms = GFLOP/s
+        out["marginal_gflop_per_s"] = {k: round(15 * flop[k] / max(parts[16][k] - parts[1][k], 1e-3), 1) for k in flop}
     if not args.no_blas:
         with blas_linears():
             blas = target_phases(gen, sizes, args.repeats)

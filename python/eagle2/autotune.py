@@ -73,7 +73,8 @@ CALIBRATION_TOKENS = 64
 PRIOR_STEPS = 20
 # exp(score) bin edges of the calibration map (finer where draft confidences cluster).
 BIN_EDGES = np.array([0.0, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0 + 1e-9])
-FORMAT = 4  # bump when the cached measurements change meaning (3: skinny_linear verify costs; 4: on the skinny twin)
+FORMAT = 5  # bump when the cached measurements change meaning (3: skinny_linear verify costs; 4: on the skinny twin;
+#            5: skinny_linear prefetches the next weight tile and threads one-row products)
 
 _MEMO: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
@@ -341,7 +342,7 @@ def _measure_costs_once(gen, sizes, depths, branchings, prefix, repeats, progres
         _progress("verify costs", 1, 3, start)
 
     hc = head.config
-    dcache = KVCache(1, 1, hc.num_key_value_heads, prefix + max(depths) * max(branchings) + 8, hc.head_dim, dtype, dev)
+    dcache = KVCache(hc.num_hidden_layers, 1, hc.num_key_value_heads, prefix + max(depths) * max(branchings) + 8, hc.head_dim, dtype, dev)
     pos = torch.arange(1, prefix + 1, device=dev)[None]
     hidden = head(feats, rand_ids(prefix), pos, cache=dcache, mask_bits=chain_bits(prefix, 1, dev), prefix_len=dcache.lengths)
     dcache.extend(plen)
