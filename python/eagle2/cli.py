@@ -259,6 +259,9 @@ def _add_train(sub) -> None:
     p.add_argument("--draft-vocab", type=int, help="reduced draft vocabulary size N (d2t); default: the full vocabulary")
     p.add_argument("--random-init", action="store_true", help="do not start from the target's last decoder layer")
     p.add_argument("--init", metavar="HEAD", help="start from this trained head (of the --head kind; its d2t included)")
+    p.add_argument("--head-layers", type=int, metavar="N",
+                   help="decoder layers of an eagle2 head (default 1, EAGLE's; with --init: the head's own, and more "
+                        "grows it by layers that start as no-ops)")
     p.add_argument("--ttt-steps", type=int,
                    help="training-time test: unroll the head this many steps on its own predictions, as it drafts "
                         "(1 = EAGLE-1/2's teacher forcing; default 1 for eagle2, 3 for eagle3, whose deeper levels "

@@ -1,7 +1,8 @@
 """The EAGLE-1/2 draft head.
 
     x_i  = fc(concat[emb(t_{i+1}), f_i])          f_i: the target's final-normed hidden state
-    f'_i = layer(x_i)                              one Llama decoder layer, no input norm
+    f'_i = layers(x_i)                             a Llama decoder layer without input norm
+                                                   (then N - 1 ordinary pre-norm ones)
     draft logits = f'_i @ lm_head.weight.T         the target's lm_head (rows d2t if reduced)
 
 f'_i predicts f_{i+1}. The head reuses the target's embedding and lm_head (`attach`); they
@@ -16,6 +17,8 @@ num_hidden_layers 1) and model.safetensors or pytorch_model.bin with exactly the
     layers.0.self_attn.{q,k,v,o}_proj.weight (+ {q,k,v}_proj.bias with qkv_bias/attention_bias),
     layers.0.mlp.{gate,up,down}_proj.weight, layers.0.post_attention_layernorm.weight,
     d2t (optional, int64 [Vd]: draft index -> target token id; a reduced draft vocabulary).
+Our extension: num_hidden_layers N > 1 adds layers.1 .. layers.N-1, each with the keys of
+layers.0 plus input_layernorm.weight (the official EAGLE code reads only N = 1).
 Official EAGLE checkpoints also carry `embed_tokens.weight`, an untrained copy of the target's
 embedding: it is accepted (its shape must be [vocab_size, hidden_size]) and dropped, since the
 head always uses the target's own embedding. Any other key, or a missing one, is a ValueError
@@ -23,6 +26,7 @@ naming it. Our d2t stores absolute target ids (EAGLE-3 checkpoints store offsets
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 from dataclasses import dataclass, field
@@ -54,8 +58,9 @@ class DraftAttention(nn.Module):
     over its own predictions (training-time test, `unroll`), or tree-masked over its own KV
     cache (drafting)."""
 
-    def __init__(self, config: LlamaConfig, qkv_bias: bool, in_features: int | None = None):
+    def __init__(self, config: LlamaConfig, qkv_bias: bool, in_features: int | None = None, layer_idx: int = 0):
         super().__init__()
+        self.layer_idx = layer_idx
         self.heads, self.kv_heads, self.head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
         d_in = in_features or config.hidden_size  # EAGLE-3 reads [embedding; hidden], 2h wide
         self.q_proj = nn.Linear(d_in, self.heads * self.head_dim, bias=qkv_bias)
@@ -69,43 +74,45 @@ class DraftAttention(nn.Module):
         k = self.k_proj(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, d]
         v = self.v_proj(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        earlier = unroll.kv.setdefault(self.layer_idx, []) if unroll is not None else None
         if cache is not None:
-            k_all, v_all = cache.update(k, v, 0)
+            k_all, v_all = cache.update(k, v, self.layer_idx)
             out = tree_attend(q, k_all, v_all, mask_bits, prefix_len, self.head_dim**-0.5)
-        elif unroll is not None and unroll.kv:
-            out = _unrolled_attention(q, k, v, unroll).transpose(1, 2)
+        elif earlier:
+            out = _unrolled_attention(q, k, v, earlier, unroll.index).transpose(1, 2)
         else:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.heads != self.kv_heads)
             out = out.transpose(1, 2)  # [B, T, Hq, d]
-        if unroll is not None:
-            unroll.kv.append((k, v))
+        if earlier is not None:
+            earlier.append((k, v))
         return self.o_proj(out.reshape(B, T, -1))
 
 
 @dataclass
 class Unroll:
     """The training-time test's state, threaded through the head's calls (train.unrolled):
-    each step's keys and values, and `index` [B, P], the step-1 positions that steps 2.. carry
-    on from (None: all of them)."""
+    each step's keys and values per attention layer, and `index` [B, P], the step-1 positions
+    that steps 2.. carry on from (None: all of them)."""
 
-    kv: list = field(default_factory=list)
+    kv: dict[int, list] = field(default_factory=dict)
     index: torch.Tensor | None = None
 
 
-def _unrolled_attention(q, k, v, unroll: Unroll) -> torch.Tensor:
-    """Attention of unroll step s = len(unroll.kv) + 1 >= 2 of the training-time test.
+def _unrolled_attention(q, k, v, earlier: list, index: torch.Tensor | None) -> torch.Tensor:
+    """Attention of unroll step s = len(earlier) + 1 >= 2 of the training-time test, in one layer.
 
     Query p of step s continues step-1 position j = index[b, p]: it stands for the draft node
     at depth s below the root t_{j+1}, which at decode time sees the committed prefix (step 1's
     keys 0..j, the causal part) and its ancestors at depths 2..s-1 plus itself (query p of
     each later step: the diagonal). q [B, Hq, P, d], k / v [B, Hkv, P, d] of this step;
-    unroll.kv[0]: step 1's [B, Hkv, T, d]. Returns [B, Hq, P, d]."""
+    earlier: this layer's (keys, values) of steps 1 .. s-1, step 1's [B, Hkv, T, d]; index as
+    Unroll.index. Returns [B, Hq, P, d]."""
     group = q.shape[1] // k.shape[1]
     expand = lambda t: t.repeat_interleave(group, dim=1)  # noqa: E731  GQA: one KV head per group
-    (k1, v1), rest = unroll.kv[0], unroll.kv[1:] + [(k, v)]
+    (k1, v1), rest = earlier[0], earlier[1:] + [(k, v)]
     B, _, P, _ = q.shape
     T, scale = k1.shape[2], q.shape[-1] ** -0.5
-    index = unroll.index if unroll.index is not None else torch.arange(T, device=q.device).expand(B, T)
+    index = index if index is not None else torch.arange(T, device=q.device).expand(B, T)
     hidden = torch.arange(T, device=q.device)[None, None] > index[:, :, None]  # [B, P, T]: key after the root
     causal = ((q @ expand(k1).transpose(-1, -2)) * scale).masked_fill(hidden[:, None], float("-inf"))
     ks, vs = torch.stack([expand(kk) for kk, _ in rest], 3), torch.stack([expand(vv) for _, vv in rest], 3)  # [B, Hq, P, S, d]
@@ -116,16 +123,19 @@ def _unrolled_attention(q, k, v, unroll: Unroll) -> torch.Tensor:
 
 
 class DraftLayer(nn.Module):
-    """A Llama decoder layer without its input norm (EAGLE's first layer)."""
+    """A Llama decoder layer; the first (layer_idx 0, EAGLE's only one) has no input norm."""
 
-    def __init__(self, config: LlamaConfig, qkv_bias: bool):
+    def __init__(self, config: LlamaConfig, qkv_bias: bool, layer_idx: int = 0):
         super().__init__()
-        self.self_attn = DraftAttention(config, qkv_bias)
+        self.self_attn = DraftAttention(config, qkv_bias, layer_idx=layer_idx)
         self.mlp = LlamaMLP(config)
+        if layer_idx > 0:
+            self.input_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
     def forward(self, x, cos, sin, cache=None, mask_bits=None, prefix_len=None, unroll=None):
-        h = x + self.self_attn(x, cos, sin, cache, mask_bits, prefix_len, unroll)
+        a = self.input_layernorm(x) if hasattr(self, "input_layernorm") else x
+        h = x + self.self_attn(a, cos, sin, cache, mask_bits, prefix_len, unroll)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -168,13 +178,14 @@ class DraftHead(HeadBase):
 
     def __init__(self, config: LlamaConfig, bias: bool = True, d2t: torch.Tensor | None = None):
         super().__init__()
-        if config.num_hidden_layers != 1:
-            raise ValueError(f"draft head config: expected num_hidden_layers 1, got {config.num_hidden_layers}")
+        n = config.num_hidden_layers
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"draft head config: expected num_hidden_layers >= 1, got {n!r}")
         self.config = config
         self.bias = bias
         qkv_bias = bool(getattr(config, "qkv_bias", False) or getattr(config, "attention_bias", False))
         self.fc = nn.Linear(2 * config.hidden_size, config.hidden_size, bias=bias)
-        self.layers = nn.ModuleList([DraftLayer(config, qkv_bias)])
+        self.layers = nn.ModuleList([DraftLayer(config, qkv_bias, i) for i in range(n)])
         self.rotary_emb = LlamaRotaryEmbedding(config)  # non-persistent buffers: not in the state dict
         if d2t is not None:
             self.register_buffer("d2t", d2t.long())
@@ -185,16 +196,17 @@ class DraftHead(HeadBase):
     # ---- construction ------------------------------------------------------------------
     @classmethod
     def for_target(cls, target, init_from_last_layer: bool = True, bias: bool = True,
-                   d2t: torch.Tensor | None = None) -> "DraftHead":
-        """A head shaped for a transformers causal LM, attached to it. With
-        init_from_last_layer its layer starts as a copy of the target's last decoder layer and
-        fc passes the feature through (a sensible untrained start); else random init."""
+                   d2t: torch.Tensor | None = None, layers: int = 1) -> "DraftHead":
+        """A head of `layers` decoder layers shaped for a transformers causal LM, attached to
+        it. With init_from_last_layer each layer starts as a copy of the target's last decoder
+        layer and fc passes the feature through (a sensible untrained start); else random init."""
         param = next(target.parameters())
-        head = cls(config_for(target), bias=bias, d2t=d2t).to(device=param.device, dtype=param.dtype)
+        head = cls(config_for(target, layers), bias=bias, d2t=d2t).to(device=param.device, dtype=param.dtype)
         if init_from_last_layer:
-            last = target.get_decoder().layers[-1]
-            head.layers[0].load_state_dict(
-                {k: v for k, v in last.state_dict().items() if not k.startswith("input_layernorm")}, strict=False)
+            last = target.get_decoder().layers[-1].state_dict()
+            for i, layer in enumerate(head.layers):
+                layer.load_state_dict({k: v for k, v in last.items() if i or not k.startswith("input_layernorm")},
+                                      strict=False)
             h = head.config.hidden_size
             with torch.no_grad():
                 head.fc.weight.zero_()
@@ -202,6 +214,26 @@ class DraftHead(HeadBase):
                 if head.fc.bias is not None:
                     head.fc.bias.zero_()
         return head.attach(target)
+
+    def grown(self, layers: int) -> "DraftHead":
+        """This head with decoder layers appended up to `layers` (attached like it), computing
+        the same function: each new layer copies the last one's weights with its output
+        projections (o_proj, down_proj) zeroed, so it adds nothing until trained."""
+        n = self.config.num_hidden_layers
+        if layers < n:
+            raise ValueError(f"layers: expected at least the head's {n}, got {layers}")
+        config = copy.deepcopy(self.config)
+        config.num_hidden_layers = layers
+        param = next(self.parameters())
+        head = type(self)(config, bias=self.bias, d2t=self.d2t).to(device=param.device, dtype=param.dtype)
+        head.load_state_dict(self.state_dict(), strict=False)
+        with torch.no_grad():
+            for layer in head.layers[n:]:
+                layer.load_state_dict(self.layers[-1].state_dict(), strict=False)
+                layer.self_attn.o_proj.weight.zero_()
+                layer.mlp.down_proj.weight.zero_()
+        head._target = self._target
+        return head
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, dtype: torch.dtype = torch.float32,
@@ -256,7 +288,9 @@ class DraftHead(HeadBase):
         emb = self._embedding()(next_tokens)
         x = self.fc(torch.cat([emb.to(self.fc.weight.dtype), features.to(self.fc.weight.dtype)], dim=-1))
         cos, sin = self.rotary_emb(x, position_ids)
-        return self.layers[0](x, cos, sin, cache, mask_bits, prefix_len, unroll)
+        for layer in self.layers:
+            x = layer(x, cos, sin, cache, mask_bits, prefix_len, unroll)
+        return x
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Draft logits [..., Vd] (Vd = len(d2t), else the target's vocabulary)."""
@@ -277,19 +311,19 @@ class DraftHead(HeadBase):
         return self._target[1]
 
 
-def config_for(target) -> LlamaConfig:
-    """A one-layer Llama config with the target's sizes, norms and rope settings."""
+def config_for(target, layers: int = 1) -> LlamaConfig:
+    """A Llama config of `layers` layers with the target's sizes, norms and rope settings."""
     src = target.config.to_dict()
     fields = {k: src[k] for k in CONFIG_FIELDS if src.get(k) is not None}
     fields.update(_legacy_rope(target.config))
     fields["head_dim"] = head_dim(target.config)
-    return LlamaConfig(**fields, num_hidden_layers=1, attention_bias=bool(getattr(target.config, "attention_bias", False)))
+    return LlamaConfig(**fields, num_hidden_layers=layers, attention_bias=bool(getattr(target.config, "attention_bias", False)))
 
 
 def config_json(config: LlamaConfig, dtype: torch.dtype) -> dict:
     """The Llama fields of a head's config.json (rope as every transformers version reads it)."""
     return {
-        "model_type": "llama", "num_hidden_layers": 1,
+        "model_type": "llama", "num_hidden_layers": config.num_hidden_layers,
         **{k: getattr(config, k) for k in CONFIG_FIELDS if k not in ("rope_theta", "rope_scaling")},
         **_legacy_rope(config),
         "attention_bias": bool(getattr(config, "attention_bias", False) or getattr(config, "qkv_bias", False)),

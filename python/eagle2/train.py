@@ -334,6 +334,8 @@ def train(args: argparse.Namespace) -> TrainResult:
         args.noise = 0.0 if eagle3 else 0.2
     if args.ttt_steps < 1:
         raise ValueError(f"--ttt-steps: expected an int >= 1, got {args.ttt_steps}")
+    if args.head_layers is not None and (args.head_layers < 1 or (eagle3 and args.head_layers != 1)):
+        raise ValueError(f"--head-layers: expected an int >= 1 (1 for an eagle3 head), got {args.head_layers}")
     torch.manual_seed(args.seed)
     out = Path(args.out)
     ckpt = out / "checkpoint"
@@ -351,6 +353,9 @@ def train(args: argparse.Namespace) -> TrainResult:
     if head is not None and (head.target_layers is not None) != (args.head == "eagle3"):
         raise ValueError(f"--head {args.head}: the head to start from is an "
                          f"{'EAGLE-3' if head.target_layers is not None else 'EAGLE-1/2'} head")
+    if state is None and head is not None and args.head_layers and args.head_layers != head.config.num_hidden_layers:
+        head = head.grown(args.head_layers)  # ValueError for fewer layers than the head has
+        _log(f"grown to {args.head_layers} decoder layers (the new ones start as no-ops)")
     layers = head.target_layers if head is not None else \
         (default_layers(target.config.num_hidden_layers) if args.head == "eagle3" else None)
 
@@ -375,16 +380,18 @@ def train(args: argparse.Namespace) -> TrainResult:
         if args.head == "eagle3":  # starts as a logit lens on its highest layer (Eagle3Head.for_target)
             head = Eagle3Head.for_target(target, d2t=d2t, layers=layers, init_from_target=not args.random_init)
         else:
-            head = DraftHead.for_target(target, init_from_last_layer=not args.random_init, d2t=d2t)
+            head = DraftHead.for_target(target, init_from_last_layer=not args.random_init, d2t=d2t,
+                                        layers=args.head_layers or 1)
         if args.head == "eagle2" and not args.random_init:
-            # The copied layer's output projections write residual-stream-sized updates (the
+            # The copied layers' output projections write residual-stream-sized updates (the
             # target's last layer sees un-normed states of large norm), which swamp the normed
             # feature the head must predict (SmolLM2: feature loss 37 instead of 0.6). Zeroed,
             # the head starts as the identity f_j -> f_j and the pretrained q/k/v/gate/up
             # projections get gradients as soon as o_proj/down_proj move.
             with torch.no_grad():
-                head.layers[0].self_attn.o_proj.weight.zero_()
-                head.layers[0].mlp.down_proj.weight.zero_()
+                for layer in head.layers:
+                    layer.self_attn.o_proj.weight.zero_()
+                    layer.mlp.down_proj.weight.zero_()
     head.train()
     in_vocab = None
     if head.d2t is not None:

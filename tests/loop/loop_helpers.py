@@ -34,9 +34,9 @@ def tiny_target(vocab: int = 160, hidden: int = 64, layers: int = 2, heads: int 
     return model
 
 
-def random_head(target, seed: int = 1) -> DraftHead:
+def random_head(target, seed: int = 1, layers: int = 1) -> DraftHead:
     torch.manual_seed(seed)
-    head = DraftHead.for_target(target, init_from_last_layer=False)
+    head = DraftHead.for_target(target, init_from_last_layer=False, layers=layers)
     with torch.no_grad():
         for p in head.parameters():
             p.normal_(0, 0.1)

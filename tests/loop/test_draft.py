@@ -32,9 +32,11 @@ def saved(tmp_path, target):
     return head, tmp_path
 
 
-@pytest.fixture(params=["eagle2", "eagle3"])
+@pytest.fixture(params=["eagle2", "eagle2-2layers", "eagle3"])
 def any_head(request, target):
-    return random_head(target) if request.param == "eagle2" else random_eagle3_head(target)
+    if request.param == "eagle3":
+        return random_eagle3_head(target)
+    return random_head(target, layers=2 if request.param == "eagle2-2layers" else 1)
 
 
 def feature_width(head) -> int:
@@ -106,12 +108,37 @@ def test_bad_checkpoint_folders(tmp_path, saved):
     _, path = saved
     config = json.loads((path / "config.json").read_text())
     (path / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 2}))
-    with pytest.raises(ValueError, match="num_hidden_layers 1"):
+    with pytest.raises(ValueError, match="missing key 'layers.1.self_attn.q_proj.weight'"):
+        DraftHead.from_pretrained(path)
+    (path / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 0}))
+    with pytest.raises(ValueError, match="num_hidden_layers >= 1, got 0"):
         DraftHead.from_pretrained(path)
     (path / "config.json").write_text(json.dumps(config))
     (path / "model.safetensors").unlink()
     with pytest.raises(ValueError, match="no weights"):
         DraftHead.from_pretrained(path)
+
+
+def test_grown_head_computes_the_same_and_round_trips(target, tmp_path):
+    """grown(n) appends layers that start as no-ops (the same output), trains them (gradients
+    reach the new layers), and saves / loads as an n-layer head of our extended layout."""
+    head = random_head(target)
+    deep = head.grown(3)
+    assert deep.config.num_hidden_layers == 3 and len(deep.layers) == 3 and head.config.num_hidden_layers == 1
+    f, t, p = inputs(target)
+    with torch.no_grad():
+        torch.testing.assert_close(deep(f, t, p), head(f, t, p), rtol=0, atol=0)
+    deep(f, t, p).square().sum().backward()
+    assert deep.layers[2].self_attn.o_proj.weight.grad.abs().sum() > 0
+    deep.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["num_hidden_layers"] == 3
+    assert "layers.2.input_layernorm.weight" in load_file(str(tmp_path / "model.safetensors"))
+    assert "layers.0.input_layernorm.weight" not in load_file(str(tmp_path / "model.safetensors"))
+    loaded = DraftHead.from_pretrained(tmp_path, dtype=torch.float64).attach(target)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(f, t, p), deep(f, t, p), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="at least the head's 3, got 2"):
+        deep.grown(2)
 
 
 def test_refuses_a_mismatched_target(target):
@@ -152,7 +179,7 @@ def test_cached_tree_forward_matches_causal_forward(target, any_head):
     B, T = 2, 9
     f, t, p = inputs(target, B, T, width=feature_width(head))
     want = head(f, t, p)
-    cache = KVCache(1, B, 2, 32, 16, torch.float64)
+    cache = KVCache(head.config.num_hidden_layers, B, 2, 32, 16, torch.float64)
     got = []
     for lo, hi in ((0, 4), (4, 5), (5, 9)):  # chunks, like prefill then catch-ups
         n = hi - lo
@@ -167,7 +194,7 @@ def test_tree_mask_sees_only_ancestors(target, any_head):
     """A node attending to [prefix, its ancestors] equals the causal forward of that path."""
     head = any_head
     f, t, p = inputs(target, 1, 6, width=feature_width(head))
-    cache = KVCache(1, 1, 2, 32, 16, torch.float64)
+    cache = KVCache(head.config.num_hidden_layers, 1, 2, 32, 16, torch.float64)
     head(f[:, :3], t[:, :3], p[:, :3], cache=cache, mask_bits=chain_bits(3, 1), prefix_len=cache.lengths.clone())
     cache.extend(torch.tensor([3]))
     # Tree below the prefix: nodes a, b (siblings at position 4), c (child of b at position 5).
@@ -203,7 +230,7 @@ def test_training_time_test_unroll_equals_drafting(target, any_head):
     with torch.no_grad():
         preds = unrolled(head, feats, toks, steps)
         for j in range(T - steps):
-            cache = KVCache(1, B, head.config.num_key_value_heads, T + steps, head.config.head_dim, torch.float64)
+            cache = KVCache(head.config.num_hidden_layers, B, head.config.num_key_value_heads, T + steps, head.config.head_dim, torch.float64)
             chain = head(feats[:, :j + 1], toks[:, 1:j + 2], torch.arange(1, j + 2).expand(B, -1), cache=cache,
                          mask_bits=chain_bits(j + 1, B), prefix_len=cache.lengths)
             cache.extend(torch.full((B,), j + 1, dtype=torch.int32))

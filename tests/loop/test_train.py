@@ -129,6 +129,24 @@ def test_training_time_test_raises_accuracy_at_every_depth(tiny_data, tiny_targe
     assert all(e > s + 0.1 for s, e in zip(start, end)), (start, end)
 
 
+def test_head_layers_grow_a_trained_head(tiny_data, tiny_target, tmp_path):
+    """--init with --head-layers 2 starts from the head's own function (the held-out metrics
+    before the first step equal the 1-layer head's after its last) and saves 2 layers."""
+    _, data = tiny_data
+    one = train(_train_args(data, tmp_path / "one", tiny_target, "--steps", "10"))
+    two = train(_train_args(data, tmp_path / "two", tiny_target, "--steps", "10", "--init", str(tmp_path / "one"),
+                            "--head-layers", "2"))
+    assert two.head.config.num_hidden_layers == 2
+    assert two.eval_start["acc"] == pytest.approx(one.eval_end["acc"], abs=1e-6)
+    assert two.eval_start["vloss"] == pytest.approx(one.eval_end["vloss"], rel=1e-3)  # the head was saved as float32
+    target, _ = eagle2.model.load_target(tiny_target)
+    assert len(DraftHead.from_pretrained(tmp_path / "two").attach(target).layers) == 2
+    with pytest.raises(ValueError, match="--head-layers: expected an int >= 1 .1 for an eagle3 head., got 2"):
+        train(_train_args(data, tmp_path / "e3", tiny_target, "--head", "eagle3", "--head-layers", "2"))
+    fresh = train(_train_args(data, tmp_path / "fresh", tiny_target, "--steps", "2", "--head-layers", "2"))
+    assert len(fresh.head.layers) == 2
+
+
 def test_eagle3_head_trains_at_every_depth_and_round_trips(tiny_data, tiny_target, tmp_path):
     """--head eagle3: the CE on three layers' features (cached apart) falls and the top-1 rises
     at every unroll depth; the head is saved in the official EAGLE-3 layout and reloads."""
