@@ -14,10 +14,11 @@ phases interleaved round-robin so machine drift hits all alike):
                above do not explain (Python, commit, cache bookkeeping)
   hf           transformers' own greedy `generate` per generated token on the same model: the
                baseline the decode loop must beat
-  flops        the linear layers' work per token (decoder layers, lm_head), and the 15 extra
-               tokens' work of a 16-token verify over its extra time (`marginal_gflop_per_s`;
-               it can exceed the arithmetic peak where a one-token forward waits on memory):
-               m tokens cannot cost about one token once that arithmetic sets the time
+  flops        the linear layers' work per token (decoder layers, lm_head; every nn.Linear,
+               so for mixture-of-experts targets all experts), and the 15 extra tokens' linear
+               work of a 16-token verify over its extra time (`marginal_gflop_per_s`: the body's
+               extra time includes attention and norms; where a one-token forward waits on
+               memory the extra arithmetic overlaps it and the figure can exceed the peak)
 The JSON holds at least {"target_ms": {"1": ..., "16": ...}, "hf_token_ms": ..., "machine": ...}.
 """
 from __future__ import annotations
@@ -170,8 +171,9 @@ def main() -> int:
     out["target_parts_ms"] = {str(m): v for m, v in parts.items()}
     out["target_ms"] = {str(m): round(sum(v.values()), 3) for m, v in parts.items()}
     out["linear_mflop_per_token"] = flop = linear_mflop(gen.model)
-    if 1 in parts and 16 in parts:  # MFLOP per ms = GFLOP/s
-        out["marginal_gflop_per_s"] = {k: round(15 * flop[k] / max(parts[16][k] - parts[1][k], 1e-3), 1) for k in flop}
+    if 1 in parts and 16 in parts:  # MFLOP per ms = GFLOP/s; None where noise left no extra time
+        extra = {k: parts[16][k] - parts[1][k] for k in flop}
+        out["marginal_gflop_per_s"] = {k: round(15 * flop[k] / extra[k], 1) if extra[k] > 0 else None for k in flop}
     if not args.no_blas:
         with blas_linears():
             blas = target_phases(gen, sizes, args.repeats)

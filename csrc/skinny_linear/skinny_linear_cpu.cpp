@@ -6,12 +6,12 @@
 // re-read W (a 49152 x 576 float32 lm_head costs 2x more at M = 2 than at M = 1) and sum in an
 // order that depends on M, so a tree token's logits differ in the last bits from the same token's
 // in a one-token forward. Here:
-//   - W is read once: a tile of R weight rows (a few KiB, kept in L1) is streamed from memory and
-//     multiplied with every x row, MB x rows at a time (R * MB accumulators in registers), before
-//     the next tile, whose weights the blocks prefetch meanwhile (spread over their k steps): a
-//     decode step's weights come from DRAM (the default target's layers are 425 MB in float32),
-//     and without the prefetch the arithmetic waited on them (a verify of 1 to 16 tokens took
-//     16-29% longer);
+//   - W is read once: a tile of R weight rows (R x K values: 18 KiB for K = 576 in float32, 48 KiB
+//     for K = 1536) is streamed from memory and multiplied with every x row, MB x rows at a time
+//     (R * MB accumulators in registers), before the next tile, whose weights the blocks
+//     prefetch meanwhile (spread over their k steps; AVX-512 paths): a decode step's weights come
+//     from DRAM (the default target's layers are 425 MB in float32), and without the prefetch
+//     the arithmetic waited on them (README, "Measured numbers");
 //   - y[m, n] is always the same float32 sum: lane l of a kLanes-wide accumulator adds the
 //     products of k = l, l + kLanes, ... in increasing k (fused multiply-add; bfloat16 adds the
 //     pair 2l, 2l + 1 per step with AVX512-BF16's dot product; the tail zero-padded), then the
@@ -21,7 +21,9 @@
 // float16 weights, bfloat16 for bfloat16 weights on AVX512-BF16 CPUs. Threads (OpenMP, the
 // runtime torch itself uses, so the two share one pool) split the N tiles; the caller passes how
 // many, 1 for small problems.
+#if defined(__x86_64__)
 #include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <cstring>
@@ -270,7 +272,7 @@ void skinny_linear_cpu(const void* x, const void* w, const void* bias, int dtype
   const int64_t tiles = N / R;
   // Work per thread at least before another thread is worth waking: 2^20 multiply-adds, fewer
   // than 4 rows counting as 4 (their cost is streaming the weights from DRAM, which two cores do
-  // faster than one: a one-token forward of the default target took 14% less on 2 threads).
+  // faster than one).
   threads = std::clamp<int64_t>(std::max<int64_t>(M, 4) * N * K / (int64_t(1) << 20), 1, std::max<int64_t>(1, threads));
   const int64_t row_bytes = K * (dtype == kFloat32 ? 4 : 2);
   const char* wb = static_cast<const char*>(w);

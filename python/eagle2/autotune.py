@@ -412,6 +412,7 @@ def cache_keys(gen, temperature: float) -> dict:
     vocab = len(head.d2t) if head.d2t is not None else head.config.vocab_size
     costs = {"kind": "costs", "format": FORMAT, **model, "machine": _machine(), "threads": torch.get_num_threads(),
              "draft_vocab": vocab, "draft_hidden": head.config.hidden_size,
+             "draft_decoder_layers": head.config.num_hidden_layers, "draft_intermediate": head.config.intermediate_size,
              "draft_layers": list(head.target_layers or [])}  # an EAGLE-3 head's verify also captures layers
     acceptance = {"kind": "acceptance", "format": FORMAT, **model, "head": head_digest(head),
                   "regime": regime(temperature)}

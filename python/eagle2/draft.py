@@ -17,8 +17,8 @@ num_hidden_layers 1) and model.safetensors or pytorch_model.bin with exactly the
     layers.0.self_attn.{q,k,v,o}_proj.weight (+ {q,k,v}_proj.bias with qkv_bias/attention_bias),
     layers.0.mlp.{gate,up,down}_proj.weight, layers.0.post_attention_layernorm.weight,
     d2t (optional, int64 [Vd]: draft index -> target token id; a reduced draft vocabulary).
-Our extension: num_hidden_layers N > 1 adds layers.1 .. layers.N-1, each with the keys of
-layers.0 plus input_layernorm.weight (the official EAGLE code reads only N = 1).
+num_hidden_layers N > 1 adds layers.1 .. layers.N-1, each with the keys of layers.0 plus
+input_layernorm.weight (as the official EAGLE-1/2 code builds them; its released heads have N = 1).
 Official EAGLE checkpoints also carry `embed_tokens.weight`, an untrained copy of the target's
 embedding: it is accepted (its shape must be [vocab_size, hidden_size]) and dropped, since the
 head always uses the target's own embedding. Any other key, or a missing one, is a ValueError

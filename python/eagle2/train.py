@@ -347,6 +347,9 @@ def train(args: argparse.Namespace) -> TrainResult:
     if state is not None:
         head = load_head(ckpt, dtype=torch.float32, device=device).attach(target)
         _log(f"resuming from {ckpt} at step {state['step']}")
+        if args.head_layers and args.head_layers != head.config.num_hidden_layers:
+            raise ValueError(f"--head-layers: the checkpoint in {ckpt} has {head.config.num_hidden_layers} decoder "
+                             f"layers, got {args.head_layers} (use another --out to train another head)")
     elif args.init:
         head = load_head(args.init, dtype=torch.float32, device=device).attach(target)
         _log(f"starting from the head in {args.init}")
@@ -354,7 +357,10 @@ def train(args: argparse.Namespace) -> TrainResult:
         raise ValueError(f"--head {args.head}: the head to start from is an "
                          f"{'EAGLE-3' if head.target_layers is not None else 'EAGLE-1/2'} head")
     if state is None and head is not None and args.head_layers and args.head_layers != head.config.num_hidden_layers:
-        head = head.grown(args.head_layers)  # ValueError for fewer layers than the head has
+        if args.head_layers < head.config.num_hidden_layers:
+            raise ValueError(f"--head-layers: the head in {args.init} has {head.config.num_hidden_layers} decoder "
+                             f"layers, got {args.head_layers} (a head can grow, not shrink)")
+        head = head.grown(args.head_layers)
         _log(f"grown to {args.head_layers} decoder layers (the new ones start as no-ops)")
     layers = head.target_layers if head is not None else \
         (default_layers(target.config.num_hidden_layers) if args.head == "eagle3" else None)

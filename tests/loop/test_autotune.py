@@ -172,6 +172,14 @@ def test_cache_round_trip_and_forget(gen, fast_tuning):
     assert list((root / "autotune").glob("*.json")) == []
 
 
+def test_draft_costs_are_keyed_by_the_heads_size(gen):
+    """A deeper or wider head drafts at another cost: it must not reuse a cached measurement."""
+    key = at.cache_keys(gen, 0.0)["costs"]
+    deeper = Generator(gen.model, head=gen.head.grown(2), shape=gen.shape)
+    assert at.cache_keys(deeper, 0.0)["costs"] != key
+    assert at.cache_keys(Generator(gen.model, head=gen.head, shape=gen.shape), 0.0)["costs"] == key
+
+
 def test_untuned_auto_uses_the_default_shape_without_measuring(gen, fast_tuning, capsys):
     calls, _ = fast_tuning
     at.forget(gen)

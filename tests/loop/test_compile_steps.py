@@ -16,10 +16,10 @@ from eagle2.generate import Sampling, verify_tree
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
 
 
-@pytest.fixture(scope="module")
-def models():
+@pytest.fixture(scope="module", params=[1, 2], ids=["head-1-layer", "head-2-layers"])
+def models(request):
     target = tiny_target()
-    return target, random_head(target)
+    return target, random_head(target, layers=request.param)
 
 
 def prefilled(target, head, B: int, prefix: int, seed: int):
@@ -32,7 +32,8 @@ def prefilled(target, head, B: int, prefix: int, seed: int):
     tcache = KVCache.for_model(target.config, B, prefix + 80, torch.float64, "cpu")
     feats = target_forward(target, ids, pos, tcache, chain_bits(prefix, B), tcache.lengths)
     tcache.extend(lens)
-    dcache = KVCache(1, B, head.config.num_key_value_heads, prefix + 80, head.config.head_dim, torch.float64)
+    dcache = KVCache(head.config.num_hidden_layers, B, head.config.num_key_value_heads, prefix + 80, head.config.head_dim,
+                     torch.float64)
     hidden = head(feats, ids, pos + 1, cache=dcache, mask_bits=chain_bits(prefix, B), prefix_len=dcache.lengths)
     dcache.extend(lens)
     root_hidden = hidden.gather(1, (lens.long() - 1)[:, None, None].expand(B, 1, hidden.shape[-1]))[:, 0]

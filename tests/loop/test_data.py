@@ -103,3 +103,22 @@ def test_regenerate_skips_what_does_not_fit_and_continues_what_does(tokenizer):
     assert skipped == []
     assert [m["role"] for m in answered] == ["user", "assistant", "user", "assistant"]
     assert [answered[0]["content"], answered[2]["content"]] == ["w3 w4", "w6"]
+
+
+def test_committed_corpus_shards_are_whole():
+    """Every committed corpus folder has its meta.json and consecutive shards (what a resumed
+    `train-data` expects), and each shard holds at most shard_size conversations (records that
+    do not fit are skipped) of in-vocabulary ids with answers."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2] / "data" / "corpus"
+    folders = sorted(p.parent for p in root.glob("*/*/meta.json"))
+    assert folders, f"no corpus folders under {root}"
+    for folder in folders:
+        shards = sorted(folder.glob("shard-*.npz"))
+        assert [p.name for p in shards] == [f"shard-{i:05d}.npz" for i in range(len(shards))], folder
+        for path in shards:
+            convs = read_shard(path)
+            assert 0 < len(convs) <= json.loads((folder / "meta.json").read_text())["shard_size"]  # some records skipped
+            for c in convs:
+                assert len(c.input_ids) == len(c.loss_mask) and c.loss_mask.any() and int(c.input_ids.max()) < 49152

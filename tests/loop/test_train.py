@@ -141,6 +141,10 @@ def test_head_layers_grow_a_trained_head(tiny_data, tiny_target, tmp_path):
     assert two.eval_start["vloss"] == pytest.approx(one.eval_end["vloss"], rel=1e-3)  # the head was saved as float32
     target, _ = eagle2.model.load_target(tiny_target)
     assert len(DraftHead.from_pretrained(tmp_path / "two").attach(target).layers) == 2
+    with pytest.raises(ValueError, match="checkpoint in .* has 2 decoder layers, got 3"):  # resuming another depth
+        train(_train_args(data, tmp_path / "two", tiny_target, "--steps", "12", "--head-layers", "3"))
+    with pytest.raises(ValueError, match="has 2 decoder layers, got 1 .a head can grow, not shrink."):
+        train(_train_args(data, tmp_path / "one-again", tiny_target, "--init", str(tmp_path / "two"), "--head-layers", "1"))
     with pytest.raises(ValueError, match="--head-layers: expected an int >= 1 .1 for an eagle3 head., got 2"):
         train(_train_args(data, tmp_path / "e3", tiny_target, "--head", "eagle3", "--head-layers", "2"))
     fresh = train(_train_args(data, tmp_path / "fresh", tiny_target, "--steps", "2", "--head-layers", "2"))
