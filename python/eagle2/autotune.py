@@ -341,8 +341,7 @@ def _measure_costs_once(gen, sizes, depths, branchings, prefix, repeats, progres
     if progress:
         _progress("verify costs", 1, 3, start)
 
-    hc = head.config
-    dcache = KVCache(hc.num_hidden_layers, 1, hc.num_key_value_heads, prefix + max(depths) * max(branchings) + 8, hc.head_dim, dtype, dev)
+    dcache = KVCache.for_model(head.config, 1, prefix + max(depths) * max(branchings) + 8, dtype, dev)
     pos = torch.arange(1, prefix + 1, device=dev)[None]
     hidden = head(feats, rand_ids(prefix), pos, cache=dcache, mask_bits=chain_bits(prefix, 1, dev), prefix_len=dcache.lengths)
     dcache.extend(plen)

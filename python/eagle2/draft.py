@@ -133,6 +133,13 @@ class DraftLayer(nn.Module):
             self.input_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
+    @torch.no_grad()
+    def mute(self) -> None:
+        """Zero the projections that write into the residual stream (o_proj, down_proj): the
+        layer passes its input through until they are trained, while the others get gradients."""
+        self.self_attn.o_proj.weight.zero_()
+        self.mlp.down_proj.weight.zero_()
+
     def forward(self, x, cos, sin, cache=None, mask_bits=None, prefix_len=None, unroll=None):
         a = self.input_layernorm(x) if hasattr(self, "input_layernorm") else x
         h = x + self.self_attn(a, cos, sin, cache, mask_bits, prefix_len, unroll)
@@ -227,11 +234,9 @@ class DraftHead(HeadBase):
         param = next(self.parameters())
         head = type(self)(config, bias=self.bias, d2t=self.d2t).to(device=param.device, dtype=param.dtype)
         head.load_state_dict(self.state_dict(), strict=False)
-        with torch.no_grad():
-            for layer in head.layers[n:]:
-                layer.load_state_dict(self.layers[-1].state_dict(), strict=False)
-                layer.self_attn.o_proj.weight.zero_()
-                layer.mlp.down_proj.weight.zero_()
+        for layer in head.layers[n:]:
+            layer.load_state_dict(self.layers[-1].state_dict(), strict=False)
+            layer.mute()
         head._target = self._target
         return head
 

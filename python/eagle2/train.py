@@ -394,10 +394,8 @@ def train(args: argparse.Namespace) -> TrainResult:
             # feature the head must predict (SmolLM2: feature loss 37 instead of 0.6). Zeroed,
             # the head starts as the identity f_j -> f_j and the pretrained q/k/v/gate/up
             # projections get gradients as soon as o_proj/down_proj move.
-            with torch.no_grad():
-                for layer in head.layers:
-                    layer.self_attn.o_proj.weight.zero_()
-                    layer.mlp.down_proj.weight.zero_()
+            for layer in head.layers:
+                layer.mute()
     head.train()
     in_vocab = None
     if head.d2t is not None:

@@ -32,8 +32,7 @@ def prefilled(target, head, B: int, prefix: int, seed: int):
     tcache = KVCache.for_model(target.config, B, prefix + 80, torch.float64, "cpu")
     feats = target_forward(target, ids, pos, tcache, chain_bits(prefix, B), tcache.lengths)
     tcache.extend(lens)
-    dcache = KVCache(head.config.num_hidden_layers, B, head.config.num_key_value_heads, prefix + 80, head.config.head_dim,
-                     torch.float64)
+    dcache = KVCache.for_model(head.config, B, prefix + 80, torch.float64, "cpu")
     hidden = head(feats, ids, pos + 1, cache=dcache, mask_bits=chain_bits(prefix, B), prefix_len=dcache.lengths)
     dcache.extend(lens)
     root_hidden = hidden.gather(1, (lens.long() - 1)[:, None, None].expand(B, 1, hidden.shape[-1]))[:, 0]

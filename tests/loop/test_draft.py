@@ -179,7 +179,7 @@ def test_cached_tree_forward_matches_causal_forward(target, any_head):
     B, T = 2, 9
     f, t, p = inputs(target, B, T, width=feature_width(head))
     want = head(f, t, p)
-    cache = KVCache(head.config.num_hidden_layers, B, 2, 32, 16, torch.float64)
+    cache = KVCache.for_model(head.config, B, 32, torch.float64, "cpu")
     got = []
     for lo, hi in ((0, 4), (4, 5), (5, 9)):  # chunks, like prefill then catch-ups
         n = hi - lo
@@ -194,7 +194,7 @@ def test_tree_mask_sees_only_ancestors(target, any_head):
     """A node attending to [prefix, its ancestors] equals the causal forward of that path."""
     head = any_head
     f, t, p = inputs(target, 1, 6, width=feature_width(head))
-    cache = KVCache(head.config.num_hidden_layers, 1, 2, 32, 16, torch.float64)
+    cache = KVCache.for_model(head.config, 1, 32, torch.float64, "cpu")
     head(f[:, :3], t[:, :3], p[:, :3], cache=cache, mask_bits=chain_bits(3, 1), prefix_len=cache.lengths.clone())
     cache.extend(torch.tensor([3]))
     # Tree below the prefix: nodes a, b (siblings at position 4), c (child of b at position 5).
@@ -230,7 +230,7 @@ def test_training_time_test_unroll_equals_drafting(target, any_head):
     with torch.no_grad():
         preds = unrolled(head, feats, toks, steps)
         for j in range(T - steps):
-            cache = KVCache(head.config.num_hidden_layers, B, head.config.num_key_value_heads, T + steps, head.config.head_dim, torch.float64)
+            cache = KVCache.for_model(head.config, B, T + steps, torch.float64, "cpu")
             chain = head(feats[:, :j + 1], toks[:, 1:j + 2], torch.arange(1, j + 2).expand(B, -1), cache=cache,
                          mask_bits=chain_bits(j + 1, B), prefix_len=cache.lengths)
             cache.extend(torch.full((B,), j + 1, dtype=torch.int32))
