@@ -1,5 +1,7 @@
 """tree_attention microbenchmark: Llama-3-8B attention (32 query heads, 8 KV heads, head dim 128)
-of an m-node draft tree to a cached prefix, float32 on CPU and bfloat16 on CUDA.
+of an m-node draft tree to a cached prefix, float32 on CPU and bfloat16 on CUDA; on the CPU also
+a decode step of the default target SmolLM2-135M (9 query heads, 3 KV heads, head dim 64): one
+token (plain decoding) and a 10-node tree at prefix 256.
 
 Baselines besides the reference: "sdpa" (torch's scaled_dot_product_attention with a boolean
 [B, 1, m, S] mask and enable_gqa) and, on CUDA, "flex" (compiled flex_attention whose mask_mod
@@ -18,7 +20,7 @@ import eagle2_kernels as ek
 from _harness import Case
 from eagle2_kernels import reference
 
-HQ, HKV, D = 32, 8, 128
+LLAMA_8B, SMOLLM2_135M = (32, 8, 128), (9, 3, 64)  # query heads, KV heads, head dim
 
 
 def tree_bits(B: int, m: int, g: torch.Generator) -> torch.Tensor:
@@ -64,19 +66,21 @@ def flex_fn(q, k, v, bits, prefix_len, scale):
 
 
 def cases(device: torch.device, quick: bool) -> list[Case]:
-    """B in {1, 8} x m in {16, 60} x prefix in {512, 4096}, plus ragged prefixes for B = 8;
-    quick: one small ragged case."""
+    """B in {1, 8} x m in {16, 60} x prefix in {512, 4096}, plus ragged prefixes for B = 8, and on
+    the CPU a SmolLM2-135M decode step (m 1 and 10 at prefix 256); quick: one small ragged case."""
     if quick:
-        shapes = [(2, 16, 64, True)]
+        shapes = [(2, 16, 64, True, LLAMA_8B)]
     else:
-        shapes = [(B, m, P, False) for B in (1, 8) for m in (16, 60) for P in (512, 4096)]
-        shapes += [(8, m, P, True) for m in (16, 60) for P in (512, 4096)]
+        shapes = [(B, m, P, False, LLAMA_8B) for B in (1, 8) for m in (16, 60) for P in (512, 4096)]
+        shapes += [(8, m, P, True, LLAMA_8B) for m in (16, 60) for P in (512, 4096)]
+        if device.type == "cpu":
+            shapes += [(1, m, 256, False, SMOLLM2_135M) for m in (1, 10)]
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     status = ek.backends()
     native = ["cpu"] if device.type == "cpu" else ["cuda", "triton"]
     impls = ["reference"] + [b for b in native if status[b] == "available"]
     out = []
-    for B, m, P, ragged in shapes:
+    for B, m, P, ragged, (HQ, HKV, D) in shapes:
         g = torch.Generator().manual_seed(0)
         # Ragged: prefixes spread over [P / 8, P]; the cache holds the longest prefix plus the tree.
         prefix_len = torch.randint(P // 8, P + 1, (B,), generator=g) if ragged else torch.full((B,), P)
@@ -96,6 +100,6 @@ def cases(device: torch.device, quick: bool) -> list[Case]:
         # K and V of every visible key (prefix + tree) read once, q read, out written.
         elem = torch.finfo(dtype).bits // 8
         moved = elem * (2 * HKV * D * int((prefix_len + m).sum()) + 2 * B * HQ * m * D) + args[3].numel() * 4
-        shape = f"B={B} m={m} prefix={P}{' ragged' if ragged else ''}"
+        shape = f"B={B} m={m} prefix={P}{' ragged' if ragged else ''}{' smollm2' if HQ == 9 else ''}"
         out.append(Case("tree_attention", shape, fns, moved))
     return out

@@ -18,6 +18,9 @@
 #include <vector>
 
 #include <omp.h>
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 #include "eagle2_kernels/ops.h"
 #include "tree_attention.h"
@@ -187,16 +190,51 @@ struct Scratch {
         qpos(rows) {}
 };
 
+#if defined(__x86_64__)
+// dst[c][j] = src[j][c] for a 16 x 16 float32 block (row strides lds, ldd), through registers:
+// pairs of rows interleaved, then 2 x 2 blocks, then 128-bit lanes (a scalar loop writes one
+// float per cycle at best, and the transposed K tile is most of a decode step's attention).
+// (A call, not inlined: the generic template it is called from is compiled for the baseline ISA.)
+__attribute__((target("avx512f"))) void transpose16(const float* src, int64_t lds, float* dst, int64_t ldd) {
+  __m512 r[16], t[16];
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(src + i * lds);
+  for (int i = 0; i < 16; i += 2) {  // lane L: [r_i[4L], r_i+1[4L], r_i[4L+1], r_i+1[4L+1]] and the upper pair
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {  // r[i + k], lane L: column 4L + k of rows i .. i + 3
+    r[i] = _mm512_shuffle_ps(t[i], t[i + 2], 0x44);
+    r[i + 1] = _mm512_shuffle_ps(t[i], t[i + 2], 0xEE);
+    r[i + 2] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+    r[i + 3] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+  }
+  for (int k = 0; k < 4; ++k) {  // column 4L + k: lane L of r[k], r[4 + k], r[8 + k], r[12 + k]
+    const __m512 x = _mm512_shuffle_f32x4(r[k], r[4 + k], 0x88), y = _mm512_shuffle_f32x4(r[k], r[4 + k], 0xDD);
+    const __m512 x2 = _mm512_shuffle_f32x4(r[8 + k], r[12 + k], 0x88), y2 = _mm512_shuffle_f32x4(r[8 + k], r[12 + k], 0xDD);
+    _mm512_storeu_ps(dst + k * ldd, _mm512_shuffle_f32x4(x, x2, 0x88));
+    _mm512_storeu_ps(dst + (4 + k) * ldd, _mm512_shuffle_f32x4(y, y2, 0x88));
+    _mm512_storeu_ps(dst + (8 + k) * ldd, _mm512_shuffle_f32x4(x, x2, 0xDD));
+    _mm512_storeu_ps(dst + (12 + k) * ldd, _mm512_shuffle_f32x4(y, y2, 0xDD));
+  }
+}
+#endif
+
 // Keys [first, first + count) of a (batch row, KV head) as float32: K transposed into kt
 // [dim][ldk], V into v [count][dim]. `first` is an element offset into the caches.
-template <int DT>
+template <int DT, int64_t kLanes>
 E2K_INLINE void load_keys(const Problem& P, int64_t first, int64_t count, float* kt, int64_t ldk, float* v, int64_t dim) {
-  for (int64_t j = 0; j < count; ++j) {
-    for (int64_t c = 0; c < P.d; ++c) {
-      kt[c * ldk + j] = load_float(P.k, DT, first + j * P.d + c);
-      v[j * dim + c] = load_float(P.v, DT, first + j * P.d + c);
-    }
+  int64_t j0 = 0;  // keys before j0 are transposed already
+#if defined(__x86_64__)
+  if constexpr (DT == kFloat32 && kLanes == 16) {
+    if (P.d % 16 == 0)
+      for (const float* k = static_cast<const float*>(P.k) + first; j0 + 16 <= count; j0 += 16)
+        for (int64_t c = 0; c < P.d; c += 16) transpose16(k + j0 * P.d + c, P.d, kt + c * ldk + j0, ldk);
   }
+#endif
+  for (int64_t j = j0; j < count; ++j)
+    for (int64_t c = 0; c < P.d; ++c) kt[c * ldk + j] = load_float(P.k, DT, first + j * P.d + c);
+  for (int64_t j = 0; j < count; ++j)
+    for (int64_t c = 0; c < P.d; ++c) v[j * dim + c] = load_float(P.v, DT, first + j * P.d + c);
 }
 
 // Whether the visible keys among tree keys [0, n) are exactly 0 .. c-1 for some c (a chain: the
@@ -260,7 +298,7 @@ E2K_INLINE void attend_group(const Problem& P, int64_t b, int64_t kvh, Scratch& 
       std::fill(kt, kt + dim * kTileKeys, 0.0f);
       std::fill(v, v + kTileKeys * dim, 0.0f);
     }
-    load_keys<DT>(P, kv0 + k0 * d, kb, kt, kTileKeys, v, dim);
+    load_keys<DT, kLanes>(P, kv0 + k0 * d, kb, kt, kTileKeys, v, dim);
 
     std::fill(s, s + rows * kTileKeys, 0.0f);
     tile_product<kRows, kLanes, kCols>(q, dim, kt, kTileKeys, s, kTileKeys, rows, kTileKeys, dim);
@@ -291,7 +329,7 @@ E2K_INLINE void attend_group(const Problem& P, int64_t b, int64_t kvh, Scratch& 
     const int64_t nk = keys.key_end - tree0, region = w.region;
     float *rkt = w.rkt.data(), *rv = w.rv.data(), *rs = w.rs.data();
     std::fill(rkt, rkt + dim * region, 0.0f);
-    load_keys<DT>(P, kv0 + tree0 * d, nk, rkt, region, rv, dim);
+    load_keys<DT, kLanes>(P, kv0 + tree0 * d, nk, rkt, region, rv, dim);
     std::fill(rs, rs + rows * region, 0.0f);
     tile_product<kRows, kLanes, kCols>(q, dim, rkt, region, rs, region, rows, region, dim);
     alignas(64) float st[kTileKeys];

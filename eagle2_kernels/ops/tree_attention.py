@@ -79,8 +79,10 @@ def _tree_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                     backend: str | None, out: torch.Tensor) -> None:
     """torch.ops.eagle2_kernels.tree_attention: `tree_attention` on validated inputs, into out."""
     S = k_cache.shape[2]
-    if q.device.type == "cpu" and bool(((prefix_len < 0) | (prefix_len > S)).any()):
-        check.fail("prefix_len", f"values in [0, {S}] (the cache length)", prefix_len.tolist())
+    if q.device.type == "cpu":  # (a list: one host copy, cheaper than tensor ops at decode batch sizes)
+        lens = prefix_len.tolist()
+        if min(lens) < 0 or max(lens) > S:
+            check.fail("prefix_len", f"values in [0, {S}] (the cache length)", lens)
     _backend.dispatch("tree_attention", q.device, backend)(q, k_cache, v_cache, tree_mask_bits, prefix_len, scale,
                                                            positions if window else None, window, out)
 
