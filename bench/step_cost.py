@@ -94,7 +94,7 @@ def draft_phases(gen, shape: TreeShape, repeats: int) -> dict:
     ids = lambda n: torch.randint(V, (1, n), generator=g).to(dev)  # noqa: E731
     plen = torch.tensor([PREFIX], dtype=torch.int32, device=dev)
     feats = torch.randn(1, PREFIX, model.config.hidden_size, generator=g).to(dev, dtype)
-    cache = KVCache.for_model(head.config, 1, PREFIX + shape.depth * shape.branching + 8, dtype, dev)
+    cache = KVCache.for_model(head.config, 1, PREFIX + shape.depth * shape.branching + 8, head.fc.weight.dtype, dev)
     with torch.inference_mode():
         hidden = head(feats, ids(PREFIX), torch.arange(1, PREFIX + 1, device=dev)[None], cache=cache,
                       mask_bits=chain_bits(PREFIX, 1, dev), prefix_len=cache.lengths)
@@ -147,6 +147,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--threads", type=int, help="torch threads (default: torch's default)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--draft-dtype", choices=["float32", "bfloat16", "float16"], help="the draft head's (default: --dtype)")
     p.add_argument("--target", help="target checkpoint folder (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--draft", help="draft head folder (default: the shipped head)")
     p.add_argument("--shape", default="16/4/6", help="tree shape M/D/K for the draft phases and the loop")
@@ -160,10 +161,10 @@ def main() -> int:
         torch.set_num_threads(args.threads)
     shape = TreeShape(*map(int, args.shape.split("/")))
     sizes = [int(s) for s in args.sizes.split(",")]
-    gen = eagle2.load(args.target, args.draft, dtype=getattr(torch, args.dtype))
+    gen = eagle2.load(args.target, args.draft, dtype=getattr(torch, args.dtype), draft_dtype=args.draft_dtype)
     start = time.time()
     out = {"machine": eagle2_kernels.device_name("cpu"), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
-           "dtype": args.dtype, "prefix": PREFIX, "shape": args.shape, "torch": torch.__version__,
+           "dtype": args.dtype, "draft_dtype": args.draft_dtype or args.dtype, "prefix": PREFIX, "shape": args.shape, "torch": torch.__version__,
            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "loadavg_start": [round(x, 2) for x in os.getloadavg()], "command": " ".join(["python", *sys.argv])}
     parts = target_phases(gen, sizes, args.repeats)

@@ -236,7 +236,7 @@ def check_dtype(dtype) -> torch.dtype:
 
 
 def load(target=None, draft=None, dtype: torch.dtype | str | None = None, device: str | torch.device | None = None,
-         shape: TreeShape | str = "auto", tokenizer=None) -> Generator:
+         shape: TreeShape | str = "auto", tokenizer=None, draft_dtype: torch.dtype | str | None = None) -> Generator:
     """A Generator for a target and a draft head.
 
     target: a local HF checkpoint folder, an in-memory transformers causal LM (used as is:
@@ -246,6 +246,11 @@ def load(target=None, draft=None, dtype: torch.dtype | str | None = None, device
     target, which then supports only 'vanilla' and 'hf'.
     dtype: a torch dtype or its name (default float32; an in-memory target keeps its own);
     device: "cpu", "cuda" or "cuda:N" (default: the GPU when torch sees one, else the CPU).
+    draft_dtype: the draft head's dtype (default: the target's). The draft only proposes tokens
+    that the target then verifies, so its precision changes which tokens are proposed, never
+    what is generated: greedy output stays plain greedy decoding's, sampling the target's
+    distribution. bfloat16 halves the head's memory traffic (on CPUs with AVX512-BF16 also its
+    arithmetic) for a float32 target.
     shape: a TreeShape, or "auto" (default): the shape `eagle2 tune` measured best for this
     machine, model and head (eagle2.autotune; cached), DEFAULT_SHAPE until it has run.
     Raises ValueError for a bad argument and for a checkpoint folder that cannot be read."""
@@ -270,10 +275,11 @@ def load(target=None, draft=None, dtype: torch.dtype | str | None = None, device
     param = next(model.parameters())
     if draft is None and target is None:
         draft = DEFAULT_HEAD
+    head_dtype = check_dtype(draft_dtype) if draft_dtype is not None else param.dtype
     if isinstance(draft, (DraftHead, Eagle3Head)):
-        head = draft.to(device=param.device, dtype=param.dtype)
+        head = draft.to(device=param.device, dtype=head_dtype)
     elif draft is not None:
-        head = load_head(draft, dtype=param.dtype, device=param.device)
+        head = load_head(draft, dtype=head_dtype, device=param.device)
     else:
         head = None
     return Generator(model, tokenizer, head, shape)

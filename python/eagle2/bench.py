@@ -230,6 +230,7 @@ def environment(gen=None) -> dict:
             from .autotune import head_digest
 
             env["head_sha256"] = head_digest(gen.head)
+            env["draft_dtype"] = str(gen.head.fc.weight.dtype).removeprefix("torch.")
     return env
 
 
@@ -247,7 +248,7 @@ def run_cli(args, shape) -> int:
 
     from .api import load
 
-    gen = load(args.target, args.draft, dtype=getattr(torch, args.dtype), device=args.device)
+    gen = load(args.target, args.draft, dtype=getattr(torch, args.dtype), device=args.device, draft_dtype=args.draft_dtype)
     if args.retune:
         from .autotune import forget
 

@@ -44,6 +44,7 @@ def _add_model_args(p: argparse.ArgumentParser, dtypes=DTYPES) -> None:
     p.add_argument("--target", metavar="PATH", help="local HF checkpoint folder (default: embedded SmolLM2-135M-Instruct)")
     p.add_argument("--draft", metavar="PATH", help="EAGLE-1/2 draft head folder (default: the shipped head)")
     p.add_argument("--dtype", choices=dtypes, default="float32")
+    p.add_argument("--draft-dtype", choices=DTYPES, help="the draft head's dtype (default: --dtype; it never changes the output)")
     p.add_argument("--device", default="cpu")
 
 
@@ -122,7 +123,7 @@ def run_chat(args) -> int:
     from .model import chat_ids
 
     try:
-        gen = load(args.target, args.draft, dtype=args.dtype, device=args.device)
+        gen = load(args.target, args.draft, dtype=args.dtype, device=args.device, draft_dtype=args.draft_dtype)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         raise SystemExit(f"eagle2 chat: {e}")
     m, d, b = ("auto", None, None) if spec == "auto" else spec or (None, None, None)
@@ -162,7 +163,7 @@ def _run_tune(args) -> int:
 
     check_model_args(args, "tune", needs_head=True)
     try:
-        gen = load(args.target, args.draft, dtype=args.dtype, device=args.device)
+        gen = load(args.target, args.draft, dtype=args.dtype, device=args.device, draft_dtype=args.draft_dtype)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         raise SystemExit(f"eagle2 tune: {e}")
     forget(gen)
@@ -361,7 +362,7 @@ def run_generate(args) -> int:
     from .api import load
 
     try:
-        gen = load(args.target, args.draft, dtype=args.dtype, device=args.device)
+        gen = load(args.target, args.draft, dtype=args.dtype, device=args.device, draft_dtype=args.draft_dtype)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         raise SystemExit(f"eagle2 generate: {e}")
     if args.retune:

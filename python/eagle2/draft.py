@@ -274,7 +274,7 @@ class DraftHead(HeadBase):
         lm_w = target.get_output_embeddings().weight  # [V, h]
         if self.d2t is not None:
             lm_w = lm_w.index_select(0, self.d2t.to(lm_w.device))
-        self._target = (target.get_input_embeddings(), lm_w)
+        self._target = (target.get_input_embeddings(), lm_w.to(self.fc.weight.dtype))  # a head in its own dtype
         return self
 
     # ---- compute -----------------------------------------------------------------------

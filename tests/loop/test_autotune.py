@@ -2,11 +2,13 @@
 synthetic timings and acceptance, the calibration recovers known acceptance rates, candidate
 replay and labelling follow the EAGLE-2 growth, the cache round-trips, and "auto" decodes
 exactly like plain decoding on a tiny float64 Llama."""
+import copy
 import functools
 import json
 
 import numpy as np
 import pytest
+import torch
 from loop_helpers import cheat_head, ragged_prompts, tiny_target
 
 import eagle2
@@ -172,12 +174,15 @@ def test_cache_round_trip_and_forget(gen, fast_tuning):
     assert list((root / "autotune").glob("*.json")) == []
 
 
-def test_draft_costs_are_keyed_by_the_heads_size(gen):
-    """A deeper or wider head drafts at another cost: it must not reuse a cached measurement."""
-    key = at.cache_keys(gen, 0.0)["costs"]
+def test_draft_costs_are_keyed_by_the_heads_size_and_dtype(gen):
+    """A deeper head, or one in another dtype, drafts at another cost (and the dtype can change
+    what it proposes): neither may reuse a cached measurement."""
+    keys = at.cache_keys(gen, 0.0)
     deeper = Generator(gen.model, head=gen.head.grown(2), shape=gen.shape)
-    assert at.cache_keys(deeper, 0.0)["costs"] != key
-    assert at.cache_keys(Generator(gen.model, head=gen.head, shape=gen.shape), 0.0)["costs"] == key
+    assert at.cache_keys(deeper, 0.0)["costs"] != keys["costs"]
+    narrower = Generator(gen.model, head=copy.deepcopy(gen.head).to(torch.float32), shape=gen.shape)
+    assert all(at.cache_keys(narrower, 0.0)[kind] != keys[kind] for kind in ("costs", "acceptance"))
+    assert at.cache_keys(Generator(gen.model, head=gen.head, shape=gen.shape), 0.0) == keys
 
 
 def test_untuned_auto_uses_the_default_shape_without_measuring(gen, fast_tuning, capsys):

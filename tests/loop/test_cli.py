@@ -46,6 +46,10 @@ def test_json_lines_and_methods_agree(folders, capsys):
     assert all(r["new_tokens"] == len(r["output_ids"]) for r in rows)
     for method in ("vanilla", "hf"):
         assert [r["output_ids"] for r in outs[method]] == [r["output_ids"] for r in rows], method
+    # The head in another dtype than the float64 target proposes differently, outputs the same.
+    out = run(capsys, "generate", "--prompts", str(folders / "prompts.jsonl"), "--json", "--max-new-tokens", "6",
+              "--total-tokens", "6", "--depth", "3", "--topk", "2", "--draft-dtype", "float32", *base(folders))
+    assert [json.loads(line)["output_ids"] for line in out.out.splitlines()] == [r["output_ids"] for r in rows]
 
 
 def test_limit_and_streamed_text(folders, capsys):

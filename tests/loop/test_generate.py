@@ -174,3 +174,20 @@ def test_greedy_is_exact_in_every_dtype_on_the_cpu(dtype):
         out = gen.generate(prompts, max_new_tokens=40, total_tokens=shape.total_tokens, depth=shape.depth,
                            branching=shape.branching)
         assert [r.tokens for r in out] == vanilla, shape
+
+
+@pytest.mark.parametrize("head_dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_a_draft_head_in_its_own_dtype_changes_nothing_but_speed(head_dtype):
+    """eagle2.load(draft_dtype=...): the head (its draft cache, its share of the lm_head) runs in
+    its own dtype beside a float32 target; greedy output is still plain greedy decoding's."""
+    import eagle2
+
+    target = tiny_target(layer_scale=0.5, logit_scale=2.0).to(torch.float32)
+    gen = eagle2.load(target, draft=cheat_head(tiny_target(layer_scale=0.5, logit_scale=2.0)),
+                      draft_dtype=str(head_dtype).removeprefix("torch."), shape=TreeShape(10, 4, 3))
+    assert next(gen.head.parameters()).dtype == head_dtype and next(gen.model.parameters()).dtype == torch.float32
+    assert gen.head._lm_weight().dtype == head_dtype
+    prompts = ragged_prompts(4, 160, seed=12)
+    out = gen.generate(prompts, max_new_tokens=30)
+    assert [r.tokens for r in out] == [r.tokens for r in gen.generate(prompts, max_new_tokens=30, method="vanilla")]
+    assert max(r.tau for r in out) > 1.5  # drafts were accepted: the tree path ran

@@ -17,15 +17,19 @@ PROMPT = [3, 7, 5, 9]
 ROWS, SEEDS = 600, (0, 1, 2)
 
 
-@pytest.fixture(scope="module", params=["Llama", "Qwen3", "Llama, EAGLE-3 head"])
+@pytest.fixture(scope="module", params=["Llama", "Qwen3", "Llama, EAGLE-3 head", "Llama, bfloat16 head"])
 def gen(request):
-    """A Llama, a family beyond it (Qwen3: q/k norms), and a Llama drafted by an EAGLE-3 head."""
+    """A Llama, a family beyond it (Qwen3: q/k norms), a Llama drafted by an EAGLE-3 head, and one
+    drafted by a head in another dtype than the target's (its proposals change, not the output)."""
     family = request.param.split(",")[0]
     extra = {"head_dim": 16} if family == "Qwen3" else {}
     model = tiny_target(vocab=V, layer_scale=0.5, logit_scale=15.0, seed=5, family=family, **extra)
     if "EAGLE-3" in request.param:  # a random head: drafting 10 of the 12 tokens gets drafts accepted
         return Generator(model, head=random_eagle3_head(model), eos_token_ids=[], shape=TreeShape(11, 1, 10))
-    return Generator(model, head=cheat_head(model), eos_token_ids=[], shape=TreeShape(8, 3, 3))
+    head = cheat_head(model)
+    if "bfloat16" in request.param:
+        head = head.to(torch.bfloat16)
+    return Generator(model, head=head, eos_token_ids=[], shape=TreeShape(8, 3, 3))
 
 
 @torch.no_grad()
