@@ -5,7 +5,8 @@
 // visible keys [0, key_end) are walked once in tiles of kTileKeys, so each K/V element is
 // converted to float32 and read once for the whole group instead of once per query head. Every
 // row keeps an online softmax (running max m, running sum l, unnormalised output o; float32).
-// Tasks are (b, KV head) pairs, spread dynamically over OpenMP threads (torch's pool, at most the
+// Tasks are (b, KV head) pairs, or blocks of a pair's rows when there are few pairs (one
+// sequence's decode step), spread dynamically over OpenMP threads (torch's pool, at most the
 // caller's count; one when the work is small), which balances ragged prefix lengths. With a
 // sliding window the walk starts at the tile holding the group's first key inside any window.
 //
@@ -43,8 +44,10 @@ constexpr int64_t kTileKeys = 64;
 // kTileKeys is, and the rows to a multiple of every block height (3, 6).
 constexpr int64_t kDimPad = 32;
 constexpr int64_t kRowPad = 6;
-// Below this many multiply-adds per thread, waking threads costs more than it saves.
-constexpr int64_t kMinWorkPerThread = int64_t(1) << 21;
+// Below this many multiply-adds per thread, waking threads costs more than it saves (2^19: a
+// 4-token step of the default target at prefix 256 takes both cores of the dev VM, a 1-token
+// step one; bench_tree_attention's smollm2 cases).
+constexpr int64_t kMinWorkPerThread = int64_t(1) << 19;
 
 constexpr int64_t round_up(int64_t x, int64_t to) { return (x + to - 1) / to * to; }
 
@@ -260,10 +263,12 @@ E2K_INLINE bool chain_mask(const int32_t* words, int64_t n) {
 // decoding's in every dtype (with eagle2_kernels.skinny_linear for the linear layers). A sliding
 // window keeps this: keys outside a row's window stay in its tiles with score -inf, as they do in
 // the one-token step, and tiles before every row's window change no row's state, so are skipped.
+// A task may take a block of the group's rows, [first, first + R): every row is computed on its
+// own, so how the rows are split changes no result.
 template <int DT, int64_t kRows, int64_t kLanes, int64_t kCols>
-E2K_INLINE void attend_group(const Problem& P, int64_t b, int64_t kvh, Scratch& w) {
-  const int64_t group = P.Hq / P.Hkv, R = group * P.n, d = P.d, rows = w.rows, dim = w.dim;
-  const int64_t row0 = (b * P.Hq + kvh * group) * P.n * d;  // first q/out element of the group
+E2K_INLINE void attend_group(const Problem& P, int64_t b, int64_t kvh, int64_t first, int64_t R, Scratch& w) {
+  const int64_t group = P.Hq / P.Hkv, d = P.d, rows = round_up(R, kRowPad), dim = w.dim;
+  const int64_t row0 = ((b * P.Hq + kvh * group) * P.n + first) * d;  // first q/out element of the block
   const int64_t kv0 = (b * P.Hkv + kvh) * P.S * d;
   const int32_t p = P.prefix_len[b];
   const TreeKeys keys = tree_keys(p, P.S, P.W);
@@ -273,6 +278,7 @@ E2K_INLINE void attend_group(const Problem& P, int64_t b, int64_t kvh, Scratch& 
 
   for (int64_t r = 0; r < R; ++r)
     for (int64_t c = 0; c < d; ++c) q[r * dim + c] = load_float(P.q, DT, row0 + r * d + c);
+  std::fill(q + R * dim, q + rows * dim, 0.0f);  // padding rows (an earlier, larger block's are stale)
   std::fill(o, o + rows * dim, 0.0f);
   std::fill(m, m + rows, kNegInf);
   std::fill(l, l + rows, 0.0f);
@@ -282,9 +288,9 @@ E2K_INLINE void attend_group(const Problem& P, int64_t b, int64_t kvh, Scratch& 
   int64_t first_key = keys.prefix_end;
   const int32_t* positions = P.window > 0 ? P.positions + b * P.n : nullptr;
   for (int64_t r = 0; r < R; ++r) {
-    w.branch[r] = !chain_mask(P.bits + (b * P.n + r % P.n) * P.W, keys.key_end - keys.prefix_end);
+    w.branch[r] = !chain_mask(P.bits + (b * P.n + (first + r) % P.n) * P.W, keys.key_end - keys.prefix_end);
     any_branch |= w.branch[r];
-    w.qpos[r] = positions ? positions[r % P.n] : 0;
+    w.qpos[r] = positions ? positions[(first + r) % P.n] : 0;
     first_key = std::min(first_key, positions ? w.qpos[r] - P.window + 1 : 0);
   }
   const auto visible_in_window = [&](int64_t r, int64_t key) {
@@ -308,7 +314,7 @@ E2K_INLINE void attend_group(const Problem& P, int64_t b, int64_t kvh, Scratch& 
       if (w.branch[r] && k0 >= tree0) {  // redone below from the row's own key sequence
         std::fill(sr, sr + kTileKeys, kNegInf);
       } else {
-        const int32_t* words = P.bits + (b * P.n + r % P.n) * P.W;
+        const int32_t* words = P.bits + (b * P.n + (first + r) % P.n) * P.W;
         for (int64_t j = 0; j < prefix_keys; ++j) sr[j] *= P.scale;
         for (int64_t j = prefix_keys; j < kb; ++j) sr[j] = tree_bit(words, k0 + j - p) ? sr[j] * P.scale : kNegInf;
         if (positions)
@@ -335,7 +341,7 @@ E2K_INLINE void attend_group(const Problem& P, int64_t b, int64_t kvh, Scratch& 
     alignas(64) float st[kTileKeys];
     for (int64_t r = 0; r < R; ++r) {
       if (!w.branch[r]) continue;
-      const int32_t* words = P.bits + (b * P.n + r % P.n) * P.W;
+      const int32_t* words = P.bits + (b * P.n + (first + r) % P.n) * P.W;
       int64_t cnt = 0;  // the row's visible keys of the region, in order: the prefix tail, then its tree keys
       for (int64_t j = 0; j < nk; ++j)
         if (tree0 + j < keys.prefix_end || tree_bit(words, tree0 + j - p)) w.keys[cnt++] = j;
@@ -365,22 +371,25 @@ E2K_INLINE void attend_group(const Problem& P, int64_t b, int64_t kvh, Scratch& 
   }
 }
 
-using GroupFn = void (*)(const Problem&, int64_t, int64_t, Scratch&);
+// (problem, batch row, KV head, first row, rows, scratch)
+using GroupFn = void (*)(const Problem&, int64_t, int64_t, int64_t, int64_t, Scratch&);
 
 template <int DT>
-void attend_group_baseline(const Problem& P, int64_t b, int64_t kvh, Scratch& w) {
-  attend_group<DT, 3, 4, 16>(P, b, kvh, w);
+void attend_group_baseline(const Problem& P, int64_t b, int64_t kvh, int64_t first, int64_t R, Scratch& w) {
+  attend_group<DT, 3, 4, 16>(P, b, kvh, first, R, w);
 }
 
 #if defined(__x86_64__)
 template <int DT>
-__attribute__((target("avx2,fma"))) void attend_group_avx2(const Problem& P, int64_t b, int64_t kvh, Scratch& w) {
-  attend_group<DT, 6, 8, 16>(P, b, kvh, w);
+__attribute__((target("avx2,fma"))) void attend_group_avx2(const Problem& P, int64_t b, int64_t kvh, int64_t first,
+                                                          int64_t R, Scratch& w) {
+  attend_group<DT, 6, 8, 16>(P, b, kvh, first, R, w);
 }
 
 template <int DT>
-__attribute__((target("avx512f"))) void attend_group_avx512(const Problem& P, int64_t b, int64_t kvh, Scratch& w) {
-  attend_group<DT, 6, 16, 32>(P, b, kvh, w);
+__attribute__((target("avx512f"))) void attend_group_avx512(const Problem& P, int64_t b, int64_t kvh, int64_t first,
+                                                            int64_t R, Scratch& w) {
+  attend_group<DT, 6, 16, 32>(P, b, kvh, first, R, w);
 }
 #endif
 
@@ -398,16 +407,26 @@ GroupFn pick_group_fn() {
 template <int DT>
 void run(const Problem& P, int64_t max_threads) {
   const GroupFn attend = pick_group_fn<DT>();
-  const int64_t tasks = P.B * P.Hkv;
   int64_t work = 0;  // multiply-adds, to decide whether threads pay off
   for (int64_t b = 0; b < P.B; ++b) work += tree_keys(P.prefix_len[b], P.S, P.W).key_end;
   work *= 2 * P.Hq * P.n * P.d;
-  const int64_t threads = std::clamp<int64_t>(work / kMinWorkPerThread, 1, std::min(max_threads, tasks));
+  int64_t threads = std::clamp<int64_t>(work / kMinWorkPerThread, 1, max_threads);
+  // Tasks are groups (batch row, KV head), or blocks of a group's rows when there are fewer than
+  // two groups per thread (a decode step of one sequence: 3 groups on 2 threads would leave one
+  // idle half the time); each block re-reads the group's keys, so no more blocks than that.
+  const int64_t groups = P.B * P.Hkv, R = P.Hq / P.Hkv * P.n;
+  const int64_t parts = groups >= 2 * threads ? 1 : std::min((2 * threads + groups - 1) / groups, (R + kRowPad - 1) / kRowPad);
+  const int64_t block = round_up((R + parts - 1) / parts, kRowPad), per_group = (R + block - 1) / block;
+  const int64_t tasks = groups * per_group;
+  threads = std::min(threads, tasks);
   std::vector<Scratch> scratch;  // allocated here so bad_alloc reaches the caller
   scratch.reserve(threads);
   for (int64_t t = 0; t < threads; ++t) scratch.emplace_back(P);
 #pragma omp parallel for num_threads(int(threads)) schedule(dynamic, 1) if (threads > 1)
-  for (int64_t task = 0; task < tasks; ++task) attend(P, task / P.Hkv, task % P.Hkv, scratch[omp_get_thread_num()]);
+  for (int64_t task = 0; task < tasks; ++task) {
+    const int64_t g = task / per_group, first = task % per_group * block;
+    attend(P, g / P.Hkv, g % P.Hkv, first, std::min(block, R - first), scratch[omp_get_thread_num()]);
+  }
 }
 
 }  // namespace
