@@ -276,3 +276,28 @@ def test_cpu_rows_equal_one_token_steps_bitwise(dtype, prefix, window):
                                 backend="cpu", positions=torch.tensor([[n - 1]], dtype=torch.int32),
                                 sliding_window=window)
         assert torch.equal(one[:, :, 0], tree[:, :, i]), (i, chain)
+
+
+@pytest.mark.parametrize("B, Hkv", [(1, 3), (1, 1), (4, 2)])
+def test_cpu_thread_count_does_not_change_results(B, Hkv):
+    """Threads split the work by (batch row, KV head) and, when those are few (one sequence's
+    decode step), by blocks of a head's query rows: every row is still computed alone, so 1, 2
+    and 3 threads give bitwise the same output. A branching tree over a 300-key prefix."""
+    if ek.backends()["cpu"] != "available":
+        pytest.skip("the C++ CPU kernels are not built")
+    g = torch.Generator().manual_seed(B)
+    Hq, d, m, prefix = 3 * Hkv, 64, 20, 300
+    parents = [-1] + [int(torch.randint(0, i, (1,), generator=g)) for i in range(1, m)]
+    q = torch.randn(B, Hq, m, d, generator=g)
+    k, v = torch.randn(B, Hkv, prefix + m, d, generator=g), torch.randn(B, Hkv, prefix + m, d, generator=g)
+    bits = reference.pack_mask_bits(ancestor_rows(parents, m))[None].expand(B, -1, -1).contiguous()
+    prefix_len = torch.full((B,), prefix, dtype=torch.int32)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = ek.tree_attention(q, k, v, bits, prefix_len, backend="cpu")
+        for n in (2, 3):
+            torch.set_num_threads(n)
+            assert torch.equal(ek.tree_attention(q, k, v, bits, prefix_len, backend="cpu"), one), n
+    finally:
+        torch.set_num_threads(threads)
