@@ -20,7 +20,8 @@ import eagle2_kernels as ek
 from _harness import Case
 from eagle2_kernels import reference
 
-LLAMA_8B, SMOLLM2_135M = (32, 8, 128), (9, 3, 64)  # query heads, KV heads, head dim
+# (label suffix, query heads, KV heads, head dim)
+LLAMA_8B, SMOLLM2_135M = ("", 32, 8, 128), (" smollm2", 9, 3, 64)
 
 
 def tree_bits(B: int, m: int, g: torch.Generator) -> torch.Tensor:
@@ -80,7 +81,7 @@ def cases(device: torch.device, quick: bool) -> list[Case]:
     native = ["cpu"] if device.type == "cpu" else ["cuda", "triton"]
     impls = ["reference"] + [b for b in native if status[b] == "available"]
     out = []
-    for B, m, P, ragged, (HQ, HKV, D) in shapes:
+    for B, m, P, ragged, (model, HQ, HKV, D) in shapes:
         g = torch.Generator().manual_seed(0)
         # Ragged: prefixes spread over [P / 8, P]; the cache holds the longest prefix plus the tree.
         prefix_len = torch.randint(P // 8, P + 1, (B,), generator=g) if ragged else torch.full((B,), P)
@@ -100,6 +101,6 @@ def cases(device: torch.device, quick: bool) -> list[Case]:
         # K and V of every visible key (prefix + tree) read once, q read, out written.
         elem = torch.finfo(dtype).bits // 8
         moved = elem * (2 * HKV * D * int((prefix_len + m).sum()) + 2 * B * HQ * m * D) + args[3].numel() * 4
-        shape = f"B={B} m={m} prefix={P}{' ragged' if ragged else ''}{' smollm2' if HQ == 9 else ''}"
+        shape = f"B={B} m={m} prefix={P}{' ragged' if ragged else ''}{model}"
         out.append(Case("tree_attention", shape, fns, moved))
     return out

@@ -94,7 +94,7 @@ def draft_phases(gen, shape: TreeShape, repeats: int) -> dict:
     ids = lambda n: torch.randint(V, (1, n), generator=g).to(dev)  # noqa: E731
     plen = torch.tensor([PREFIX], dtype=torch.int32, device=dev)
     feats = torch.randn(1, PREFIX, model.config.hidden_size, generator=g).to(dev, dtype)
-    cache = KVCache.for_model(head.config, 1, PREFIX + shape.depth * shape.branching + 8, head.fc.weight.dtype, dev)
+    cache = KVCache.for_model(head.config, 1, PREFIX + shape.depth * shape.branching + 8, head.dtype, dev)
     with torch.inference_mode():
         hidden = head(feats, ids(PREFIX), torch.arange(1, PREFIX + 1, device=dev)[None], cache=cache,
                       mask_bits=chain_bits(PREFIX, 1, dev), prefix_len=cache.lengths)

@@ -342,7 +342,7 @@ def _measure_costs_once(gen, sizes, depths, branchings, prefix, repeats, progres
     if progress:
         _progress("verify costs", 1, 3, start)
 
-    dcache = KVCache.for_model(head.config, 1, prefix + max(depths) * max(branchings) + 8, head.fc.weight.dtype, dev)
+    dcache = KVCache.for_model(head.config, 1, prefix + max(depths) * max(branchings) + 8, head.dtype, dev)
     pos = torch.arange(1, prefix + 1, device=dev)[None]
     hidden = head(feats, rand_ids(prefix), pos, cache=dcache, mask_bits=chain_bits(prefix, 1, dev), prefix_len=dcache.lengths)
     dcache.extend(plen)
@@ -414,9 +414,9 @@ def cache_keys(gen, temperature: float) -> dict:
              "draft_vocab": vocab, "draft_hidden": head.config.hidden_size,
              "draft_decoder_layers": head.config.num_hidden_layers, "draft_intermediate": head.config.intermediate_size,
              "draft_layers": list(head.target_layers or []),  # an EAGLE-3 head's verify also captures layers
-             "draft_dtype": str(head.fc.weight.dtype)}
+             "draft_dtype": str(head.dtype)}
     acceptance = {"kind": "acceptance", "format": FORMAT, **model, "head": head_digest(head),
-                  "draft_dtype": str(head.fc.weight.dtype), "regime": regime(temperature)}
+                  "draft_dtype": str(head.dtype), "regime": regime(temperature)}
     return {"costs": costs, "acceptance": acceptance}
 
 

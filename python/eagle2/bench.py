@@ -230,7 +230,7 @@ def environment(gen=None) -> dict:
             from .autotune import head_digest
 
             env["head_sha256"] = head_digest(gen.head)
-            env["draft_dtype"] = str(gen.head.fc.weight.dtype).removeprefix("torch.")
+            env["draft_dtype"] = str(gen.head.dtype).removeprefix("torch.")
     return env
 
 

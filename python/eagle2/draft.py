@@ -152,6 +152,13 @@ class HeadBase(nn.Module):
 
     config: LlamaConfig
     d2t: torch.Tensor | None
+    fc: nn.Linear
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the head computes in: its weights' (`load(draft_dtype=...)`), which may
+        differ from the target's; its KV cache and its share of the lm_head follow it."""
+        return self.fc.weight.dtype
 
     def to_target_ids(self, draft_ids: torch.Tensor) -> torch.Tensor:
         """Map draft vocabulary indices to target token ids (identity without d2t)."""
@@ -274,7 +281,7 @@ class DraftHead(HeadBase):
         lm_w = target.get_output_embeddings().weight  # [V, h]
         if self.d2t is not None:
             lm_w = lm_w.index_select(0, self.d2t.to(lm_w.device))
-        self._target = (target.get_input_embeddings(), lm_w.to(self.fc.weight.dtype))  # a head in its own dtype
+        self._target = (target.get_input_embeddings(), lm_w.to(self.dtype))
         return self
 
     # ---- compute -----------------------------------------------------------------------
@@ -291,7 +298,7 @@ class DraftHead(HeadBase):
         values; a call with keys in it is the next unroll step (see train.unrolled).
         """
         emb = self._embedding()(next_tokens)
-        x = self.fc(torch.cat([emb.to(self.fc.weight.dtype), features.to(self.fc.weight.dtype)], dim=-1))
+        x = self.fc(torch.cat([emb.to(self.dtype), features.to(self.dtype)], dim=-1))
         cos, sin = self.rotary_emb(x, position_ids)
         for layer in self.layers:
             x = layer(x, cos, sin, cache, mask_bits, prefix_len, unroll)

@@ -213,7 +213,7 @@ class Eagle3Head(HeadBase):
         mask_bits, prefix_len, unroll as DraftHead.forward."""
         if self._target is None:
             raise RuntimeError("draft head: call attach(target) first (it reuses the target's embedding)")
-        dtype = self.fc.weight.dtype
+        dtype = self.dtype
         emb = self._target[0](next_tokens).to(dtype)
         hidden = features.to(dtype)
         if hidden.shape[-1] == self.fc.in_features:

@@ -180,7 +180,7 @@ def prefill(dec: Decoder, prompts: list[list[int]], seed: int | None) -> Batch:
     batch = Batch(list(range(B)), lens, lens + 1, first.int(), tcache, None, None,
                   [RowResult(target_forwards=1) for _ in range(B)], gen, start)
     if head is not None:
-        batch.dcache = KVCache.for_model(head.config, B, total + shape.branching * shape.depth + 1, head.fc.weight.dtype, dev)
+        batch.dcache = KVCache.for_model(head.config, B, total + shape.branching * shape.depth + 1, head.dtype, dev)
         pend_tokens = torch.cat([ids[:, 1:], torch.zeros_like(ids[:, :1])], dim=1)
         pend_tokens.scatter_(1, last, first[:, None].to(ids.dtype))  # t_{i+1} for every f_i
         batch.pending = (dfeats, pend_tokens, torch.ones_like(lens), lens)
