@@ -7,6 +7,7 @@ Public ops (batched, leading dim B >= 1; indices int32, scores float32):
   tree_verify      greedy or lossless sampling acceptance of a tree against target logits
   kv_compact       move accepted tree entries of a KV cache into place
   skinny_linear    x W^T + b for a decode step's few rows: W read once, each row computed alike
+                   (SkinnyLinearPlan: the same with the weights checked once, for per-step calls)
 
 Each op validates its arguments (ValueError naming the argument), then dispatches by device
 to the fastest available backend, or to the one named by `backend=`. `backends()` says what
@@ -17,7 +18,7 @@ from ._backend import IMPLEMENTATIONS, backends, device_name
 from .ops.frontier_expand import frontier_expand
 from .ops.kv_compact import kv_compact
 from .ops.rerank import rerank
-from .ops.skinny_linear import MAX_ROWS as SKINNY_LINEAR_MAX_ROWS, skinny_linear
+from .ops.skinny_linear import MAX_ROWS as SKINNY_LINEAR_MAX_ROWS, SkinnyLinearPlan, skinny_linear
 from .ops.tree_attention import tree_attention
 from .ops.tree_verify import tree_verify
 from .reference import FrontierExpansion, Tree, VerifyResult, pack_mask_bits
@@ -26,7 +27,7 @@ from .reference import FrontierExpansion, Tree, VerifyResult, pack_mask_bits
 OPS = tuple(IMPLEMENTATIONS)
 
 __all__ = [
-    "OPS", "SKINNY_LINEAR_MAX_ROWS", "FrontierExpansion", "Tree", "VerifyResult", "backends", "device_name", "frontier_expand", "kv_compact",
+    "OPS", "SKINNY_LINEAR_MAX_ROWS", "SkinnyLinearPlan", "FrontierExpansion", "Tree", "VerifyResult", "backends", "device_name", "frontier_expand", "kv_compact",
     "pack_mask_bits", "rerank", "skinny_linear", "tree_attention", "tree_verify",
 ]
 __version__ = "0.2.0"

@@ -100,3 +100,53 @@ def test_bad_input_is_a_clear_error(bad, match):
     args = dict(x=torch.randn(2, 8), weight=torch.randn(5, 8), bias=None, out=None) | bad
     with pytest.raises(ValueError, match=match):
         ek.skinny_linear(args.pop("x"), args.pop("weight"), args.pop("bias"), **args)
+
+
+@pytest.mark.parametrize("backend", BACKENDS, ids=lambda b: f"backend={b}")
+@given(inputs=linear_inputs())
+def test_plan_computes_the_op(backend, inputs):
+    x, weight, bias = inputs
+    plan = ek.SkinnyLinearPlan(weight, bias, backend=backend)
+    assert torch.equal(plan(x), ek.skinny_linear(x, weight, bias, backend=backend))
+    assert torch.equal(plan(x[None]), ek.skinny_linear(x[None], weight, bias, backend=backend))
+
+
+def test_plan_sees_the_weights_as_they_are_now():
+    g = torch.Generator().manual_seed(2)
+    x, weight, bias = torch.randn(3, 40, generator=g), torch.randn(24, 40, generator=g), torch.randn(24, generator=g)
+    plan = ek.SkinnyLinearPlan(weight, bias)
+    weight.mul_(2)  # values changed in place show through
+    bias.add_(1)
+    assert torch.equal(plan(x), ek.skinny_linear(x, weight, bias))
+    out = torch.empty(3, 24)
+    assert plan(x, out=out) is out and torch.equal(out, ek.skinny_linear(x, weight, bias))
+    weight.data = weight.data.double()  # converted in place (module.to(...)): the op's checks answer
+    with pytest.raises(ValueError, match="weight: expected dtype torch.float32"):
+        plan(x)
+    with pytest.raises(ValueError, match="bias: expected dtype torch.float64"):
+        plan(x.double())
+
+
+@pytest.mark.parametrize("x, match", [
+    (torch.randn(65, 8), "x: expected at most 64 rows"),
+    (torch.randn(2, 9), r"weight: expected shape \[\*, 9\]"),
+    (torch.randn(8, 3)[:, :2].T.contiguous().T, "x: expected a contiguous tensor"),
+    (torch.tensor(1.0), "x: expected at least 1 dim"),
+    (torch.randn(2, 8).bfloat16(), "weight: expected dtype torch.bfloat16"),
+    ([[1.0] * 8], "x: expected a torch.Tensor"),
+])
+def test_plan_bad_input_is_the_ops_error(x, match):
+    plan = ek.SkinnyLinearPlan(torch.randn(5, 8))
+    with pytest.raises(ValueError, match=match):
+        plan(x)
+
+
+@pytest.mark.parametrize("weight, bias, match", [
+    (torch.randn(8), None, r"weight: expected 2 dims"),
+    (torch.randn(5, 8).int(), None, "weight: expected dtype"),
+    (torch.randn(5, 8), torch.randn(4), r"bias: expected shape \[5\]"),
+    (torch.randn(5, 8), torch.randn(5).double(), "bias: expected dtype torch.float32"),
+])
+def test_plan_bad_weights_are_a_clear_error(weight, bias, match):
+    with pytest.raises(ValueError, match=match):
+        ek.SkinnyLinearPlan(weight, bias)

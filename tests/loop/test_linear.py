@@ -27,6 +27,8 @@ def test_twin_runs_its_linears_on_skinny_linear_and_computes_the_same_model():
     model = tiny_target().float().eval()
     twin = skinny_twin(model)
     x = torch.randn(1, 5, model.config.hidden_size)
+    linears = [m for m in twin.modules() if isinstance(m, SkinnyLinear)]
+    assert linears and all(m.plan is not None and m.plan.weight is m.weight for m in linears)
     with torch.inference_mode():
         assert torch.equal(twin.lm_head(x), eagle2_kernels.skinny_linear(x, model.lm_head.weight))
         with blas_linears():
@@ -56,3 +58,14 @@ def test_float64_and_other_devices_keep_the_model():
     with torch.inference_mode():
         assert torch.equal(skinny_twin(model).lm_head(x), model.lm_head(x))
     assert skinny_twin(None) is None
+
+
+def test_twin_follows_a_model_converted_after_it():
+    """model.half() replaces each parameter's data in place: the twin's linears (their plans
+    were checked in float32) compute the converted layer."""
+    model = tiny_target().float().eval()
+    twin = skinny_twin(model)
+    model.half()
+    x = torch.randn(2, model.config.hidden_size, dtype=torch.float16)
+    with torch.inference_mode():
+        assert torch.equal(twin.lm_head(x), eagle2_kernels.skinny_linear(x, model.lm_head.weight))
