@@ -264,7 +264,7 @@ inline void rows(const Problem& P, const std::vector<TileFn>& fns, int64_t n0, c
   int64_t blocks = 0;
   for (int64_t m0 = 0; m0 < P.M; ++blocks) m0 += block_rows(P.M - m0, mb);
   const int64_t steps = blocks * ((P.K + step - 1) / step);
-  const int64_t per_step = next != nullptr ? (bytes / 64 + steps - 1) / steps : 0;
+  const int64_t per_step = next != nullptr && steps > 0 ? (bytes / 64 + steps - 1) / steps : 0;  // K = 0: none
   const int64_t per_block = per_step * 64 * ((P.K + step - 1) / step);
   for (int64_t m0 = 0, b = 0; m0 < P.M; ++b) {
     const int64_t rows_here = block_rows(P.M - m0, mb);

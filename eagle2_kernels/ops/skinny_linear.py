@@ -58,37 +58,36 @@ def skinny_linear(
 
 class SkinnyLinearPlan:
     """`skinny_linear` with its weight (and bias) checked once, for a caller that multiplies the
-    same weights every step (a decode loop's linear layers): `plan(x)` computes exactly
-    `skinny_linear(x, weight, bias)`. The op's argument checks, dispatch and wrapper cost about
-    5 us a call, several times the kernel's own time on one row of a small layer; a plan's call
-    checks only x (and that the weight's shape and dtype are the ones checked) and goes straight
-    to the CPU kernel. Calls it cannot take that way (CUDA or reference backend, `out=`, inside
-    torch.compile, or arguments the op would refuse) run the op itself, with its errors.
-
-    The plan holds the tensors, not copies: in-place changes to their values show through, and
-    a weight converted in place since (`module.to(...)` replaces a parameter's data) sends the
-    calls to the op, which checks everything again (the bias is taken to follow the weight).
-    """
+    same weights every step (a decode loop's linear layers): `plan(x)` is
+    `skinny_linear(x, weight, bias, backend=backend)`. Per call it checks only x and that the
+    tensors still have the shape, dtype and place it checked (`module.to(...)` replaces a
+    parameter's data in place), then calls the CPU kernel directly: the op's own checks and
+    dispatch cost several times the kernel's time on one row of a small layer. Any call it
+    cannot take that way (another backend, `out=`, inside torch.compile, arguments the op would
+    refuse) runs the op itself, with its errors. The plan holds the tensors, not copies."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, *, backend: str | None = None):
         check.tensor("weight", weight, dtypes=check.FLOATS_OR_F64, shape=(None, None))
         N, K = weight.shape
         if bias is not None:
             check.tensor("bias", bias, dtypes=(weight.dtype,), shape=(N,), device=weight.device)
-        self.weight, self.bias, self.dtype, self.N, self.K = weight, bias, weight.dtype, N, K
-        self.backend = _backend.resolve("skinny_linear", weight.device, check.f64_backend("weight", weight, backend))
-        self._direct = self.backend == "cpu" and K > 0  # calls may go straight to the CPU kernel
+        self.weight, self.bias, self.backend = weight, bias, backend
+        self.dtype, self.N, self.K = weight.dtype, N, K
+        # The kernel directly only where the op would pick it; K = 0 leaves nothing to compute.
+        resolved = _backend.resolve("skinny_linear", weight.device, check.f64_backend("weight", weight, backend))
+        self._direct = resolved == "cpu" and K > 0
+
+    def _unchanged(self, t: torch.Tensor, shape: tuple) -> bool:
+        return t.shape == shape and t.dtype == self.dtype and t.is_cpu and t.is_contiguous()
 
     def __call__(self, x: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
-        """skinny_linear(x, weight, bias, out=out) of the plan's weight and bias."""
+        """skinny_linear(x, weight, bias, out=out, backend=backend) of the plan's tensors."""
         w, b = self.weight, self.bias
         if (not self._direct or out is not None or type(x) is not torch.Tensor or x.dtype != self.dtype
                 or not x.is_cpu or x.dim() == 0 or x.shape[-1] != self.K or not x.is_contiguous()
-                or w.shape != (self.N, self.K) or w.dtype != self.dtype or not w.is_cpu or not w.is_contiguous()
-                or torch.compiler.is_compiling()):
+                or x.numel() > MAX_ROWS * self.K or not self._unchanged(w, (self.N, self.K))
+                or (b is not None and not self._unchanged(b, (self.N,))) or torch.compiler.is_compiling()):
             return skinny_linear(x, w, b, out=out, backend=self.backend)
-        if x.numel() > MAX_ROWS * self.K:
-            return skinny_linear(x, w, b, backend=self.backend)  # raises the op's error
         y = torch.empty((*x.shape[:-1], self.N), dtype=self.dtype)
         _cpu(x, w, b, y)
         return y

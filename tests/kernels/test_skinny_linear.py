@@ -120,11 +120,23 @@ def test_plan_sees_the_weights_as_they_are_now():
     assert torch.equal(plan(x), ek.skinny_linear(x, weight, bias))
     out = torch.empty(3, 24)
     assert plan(x, out=out) is out and torch.equal(out, ek.skinny_linear(x, weight, bias))
-    weight.data = weight.data.double()  # converted in place (module.to(...)): the op's checks answer
+    bias.data = torch.randn(1, generator=g)  # replaced in place: the op's checks answer
+    with pytest.raises(ValueError, match=r"bias: expected shape \[24\]"):
+        plan(x)
+    bias.data = torch.randn(24, generator=g).half()
+    with pytest.raises(ValueError, match="bias: expected dtype torch.float32"):
+        plan(x)
+    weight.data, bias.data = weight.data.double(), bias.data.double()  # module.double(): so is x
     with pytest.raises(ValueError, match="weight: expected dtype torch.float32"):
         plan(x)
-    with pytest.raises(ValueError, match="bias: expected dtype torch.float64"):
-        plan(x.double())
+    assert torch.equal(plan(x.double()), ek.skinny_linear(x.double(), weight, bias))  # the reference's
+
+
+@pytest.mark.parametrize("backend", BACKENDS, ids=lambda b: f"backend={b}")
+def test_empty_reduction_gives_the_bias(backend):
+    x, weight, bias = torch.randn(3, 0), torch.randn(5, 0), torch.randn(5)
+    assert torch.equal(ek.skinny_linear(x, weight, bias, backend=backend), bias.expand(3, 5))
+    assert torch.equal(ek.SkinnyLinearPlan(weight, bias, backend=backend)(x), bias.expand(3, 5))
 
 
 @pytest.mark.parametrize("x, match", [

@@ -69,3 +69,14 @@ def test_twin_follows_a_model_converted_after_it():
     x = torch.randn(2, model.config.hidden_size, dtype=torch.float16)
     with torch.inference_mode():
         assert torch.equal(twin.lm_head(x), eagle2_kernels.skinny_linear(x, model.lm_head.weight))
+
+
+def test_twin_follows_a_parameter_replaced_after_it():
+    """The twin shares the modules' parameter dictionaries: a layer whose weight was replaced
+    (weights tied or swapped after the twin was made) computes with the new one, not its plan's."""
+    model = tiny_target().float().eval()
+    twin = skinny_twin(model)
+    model.lm_head.weight = nn.Parameter(torch.randn_like(model.lm_head.weight))
+    x = torch.randn(2, model.config.hidden_size)
+    with torch.inference_mode():
+        assert torch.equal(twin.lm_head(x), eagle2_kernels.skinny_linear(x, model.lm_head.weight))
