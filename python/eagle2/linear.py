@@ -45,11 +45,16 @@ def _skinny_rows(x: torch.Tensor) -> bool:
             and x.is_contiguous() and math.prod(x.shape[:-1]) <= eagle2_kernels.SKINNY_LINEAR_MAX_ROWS)
 
 
+def _skinny_weights(weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Whether skinny_linear takes these weights: a contiguous weight of a kernel dtype, the bias
+    (if any) in the same dtype."""
+    return weight.dtype in DTYPES and weight.is_contiguous() and (bias is None or bias.dtype == weight.dtype)
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear, computed by skinny_linear where that applies: `_skinny_rows(x)`, with a
-    contiguous weight (and bias) of x's dtype."""
-    if (_skinny_rows(x) and weight.dtype == x.dtype and (bias is None or bias.dtype == x.dtype)
-            and weight.is_contiguous() and _cpu_kernels()):
+    """F.linear, computed by skinny_linear where that applies: `_skinny_rows(x)` and
+    `_skinny_weights` in x's dtype."""
+    if _skinny_rows(x) and weight.dtype == x.dtype and _skinny_weights(weight, bias) and _cpu_kernels():
         return eagle2_kernels.skinny_linear(x, weight, bias)
     return F.linear(x, weight, bias)
 
@@ -96,9 +101,8 @@ def _twin(module: nn.Module, copies: dict[int, nn.Module]) -> nn.Module:
     twin._modules = {name: None if child is None else _twin(child, copies) for name, child in module._modules.items()}
     if type(module) is nn.Linear:
         twin.__class__ = SkinnyLinear
-        w, b = module.weight, module.bias
-        if w.is_cpu and w.dtype in DTYPES and w.is_contiguous() and (b is None or b.dtype == w.dtype):
-            twin.plan = eagle2_kernels.SkinnyLinearPlan(w, b)
+        if module.weight.is_cpu and _skinny_weights(module.weight, module.bias):
+            twin.plan = eagle2_kernels.SkinnyLinearPlan(module.weight, module.bias)
     return twin
 
 
