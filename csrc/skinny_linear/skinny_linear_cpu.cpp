@@ -6,8 +6,8 @@
 // re-read W (a 49152 x 576 float32 lm_head costs 2x more at M = 2 than at M = 1) and sum in an
 // order that depends on M, so a tree token's logits differ in the last bits from the same token's
 // in a one-token forward. Here:
-//   - W is read once: a tile of R weight rows (R x K values: 18 KiB for K = 576 in float32, 48 KiB
-//     for K = 1536) is streamed from memory and multiplied with every x row, MB x rows at a time
+//   - W is read once: a tile of R weight rows (R x K values, R = 8 or 4: 18 or 9 KiB for K = 576
+//     in float32) is streamed from memory and multiplied with every x row, MB x rows at a time
 //     (R * MB accumulators in registers), before the next tile, whose weights the blocks
 //     prefetch meanwhile (spread over their k steps; AVX-512 paths): a decode step's weights come
 //     from DRAM (the default target's layers are 425 MB in float32), and without the prefetch
@@ -251,9 +251,17 @@ void tiles_for(Path path, int dtype, std::vector<TileFn>& fns) {
   fns.push_back(tile_fn<R, MBMax>(path, dtype));
 }
 
-// Rows of the next x block when `left` remain, at most `mb`: a last block of one row would do
-// R multiply-adds per weight load instead of 2R or 3R, so 4 left go as 2 + 2, not 3 + 1.
-inline int64_t block_rows(int64_t left, int64_t mb) { return left == mb + 1 && mb > 2 ? mb - 1 : std::min(left, mb); }
+// Rows of the next x block when `left` remain, at most `mb`: the fewest blocks, as even as they go
+// (a block of one row would do R multiply-adds per weight load instead of 2R or 3R: 4 rows at
+// mb = 3 go as 2 + 2, 10 at mb = 6 as 5 + 5).
+inline int64_t block_rows(int64_t left, int64_t mb) {
+  const int64_t blocks = (left + mb - 1) / mb;
+  return (left + blocks - 1) / blocks;
+}
+
+// Multiply-adds per vector load of M x rows against tiles of R weight rows, x blocks of at most
+// mb rows: each k step of a block loads R weight vectors and one x vector per row.
+inline double fma_per_load(int64_t M, int64_t R, int64_t mb) { return double(R * M) / double(R * ((M + mb - 1) / mb) + M); }
 
 // All x rows against weight rows [n0, n0 + R), a block at a time. Meanwhile the blocks prefetch
 // the next tile's weights (`next`, `bytes` of them, if any), spread evenly over their steps, so
@@ -293,11 +301,15 @@ void skinny_linear_cpu(const void* x, const void* w, const void* bias, int dtype
       for (int64_t k = 0; k < K; ++k) xf[size_t(m * Kp + k)] = load_float(x, dtype, m * K + k);
   }
   const Problem P{path == Path::kDpbf16 ? static_cast<const void*>(xh.data()) : xf.data(), w, bias, dtype, M, K, Kp, N, y};
-  // Tiles of R = 8 weight rows against blocks of up to 3 x rows: 24 accumulators, the 8 weight
-  // vectors and one x vector fill the 32 registers. The last N % 8 weight rows go one at a time.
-  constexpr int64_t R = 8;
+  // Tiles of R = 8 weight rows against blocks of up to 3 x rows (24 accumulators, the 8 weight
+  // vectors and one x vector: the 32 registers), or of R = 4 against up to 6 (24 + 4 + 1),
+  // whichever does more multiply-adds per load at this M (ties: 8): 8 for 1-3, 8 and 9 rows, 4
+  // for the rest (at M = 10, 2 blocks of 5 instead of 3 + 3 + 2 + 2). The blocking changes no
+  // sum. The last N % R weight rows go one at a time.
+  const int64_t R = fma_per_load(M, 4, 6) > fma_per_load(M, 8, 3) ? 4 : 8;
   std::vector<TileFn> wide, single;
-  tiles_for<R, 3>(path, dtype, wide);
+  if (R == 8) tiles_for<8, 3>(path, dtype, wide);
+  else tiles_for<4, 6>(path, dtype, wide);
   tiles_for<1, 3>(path, dtype, single);
   const int64_t tiles = N / R;
   // Work per thread at least before another thread is worth waking: 2^20 multiply-adds, fewer

@@ -18,7 +18,7 @@ NATIVE = backends_under_test("skinny_linear", native=True)
 @st.composite
 def linear_inputs(draw):
     """(x [M, K], weight [N, K], bias [N] or None) in one dtype: K and N off the vector widths
-    (16 float32 / 32 bfloat16 lanes, 8-row tiles), M across the register blocks."""
+    (16 float32 / 32 bfloat16 lanes, 8- and 4-row tiles), M across the register blocks."""
     g = torch.Generator().manual_seed(draw(st.integers(0, 2**32 - 1)))
     M = draw(st.integers(1, ek.SKINNY_LINEAR_MAX_ROWS))
     K = draw(st.sampled_from([1, 7, 16, 31, 33, 64, 100, 576]))
@@ -56,6 +56,18 @@ def test_each_row_is_computed_alike_whatever_the_other_rows(backend, inputs, dat
     assert torch.equal(ek.skinny_linear(x[i:j], weight, bias, backend=backend), whole[i:j])
     shuffled = torch.randperm(x.shape[0])
     assert torch.equal(ek.skinny_linear(x[shuffled], weight, bias, backend=backend), whole[shuffled])
+
+
+@pytest.mark.parametrize("backend", NATIVE, ids=lambda b: f"backend={b}")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_every_row_count_computes_the_one_row_result(backend, dtype):
+    # the CPU kernel tiles 8 weight rows for some row counts and 4 for others (1-3, 8, 9 vs
+    # the rest): the tiling must not show in any row
+    g = torch.Generator().manual_seed(1)
+    x, weight, bias = (torch.randn(s, generator=g).to(dtype) for s in ((16, 100), (203, 100), (203,)))
+    one = torch.cat([ek.skinny_linear(x[i:i + 1], weight, bias, backend=backend) for i in range(16)])
+    for m in range(2, 17):
+        assert torch.equal(ek.skinny_linear(x[:m], weight, bias, backend=backend), one[:m]), m
 
 
 @pytest.mark.parametrize("backend", NATIVE, ids=lambda b: f"backend={b}")
