@@ -29,9 +29,10 @@ E[...]      1 + the sum over the tree's nodes of their acceptance probability. A
 
 Costs are cached per machine + model + dtype + threads, acceptance per model + head +
 regime (greedy, or sampling at any temperature), as JSON under $EAGLE2_CACHE/autotune (default
-~/.cache/eagle2/autotune); `forget(gen)` drops them (`eagle2 tune`, `--retune`). Measuring
-takes about a minute on a 2-core CPU, so it runs only when asked (`eagle2 tune`, total_tokens
-"auto"); until then a Generator whose shape is "auto" uses api.DEFAULT_SHAPE.
+~/.cache/eagle2/autotune); `forget(gen)` drops them (`eagle2 tune` and `--retune`: the costs and
+the acceptance of the regime they tune). Measuring takes about a minute on a 2-core CPU, so it
+runs only when asked (`eagle2 tune`, total_tokens "auto"); until then a Generator whose shape is
+"auto" uses api.DEFAULT_SHAPE.
 """
 from __future__ import annotations
 
@@ -500,11 +501,14 @@ def tuned_shape(gen, temperature: float = 0.0, measure: bool = True) -> TreeShap
     return memo[key]
 
 
-def forget(gen) -> None:
-    """Drop this Generator's cached measurements (costs, and acceptance in every regime)."""
+def forget(gen, temperature: float | None = None) -> None:
+    """Drop this Generator's cached measurements: the costs, and the acceptance of temperature's
+    regime (greedy or sampling), or of every regime when temperature is None. Re-tuning one
+    regime keeps the other's acceptance, which was measured when the machine was as asked."""
     _MEMO.pop(gen, None)
     if gen.head is None:
         return
-    for t in (0.0, 1.0):
-        for key in cache_keys(gen, t).values():
-            cache_path(key).unlink(missing_ok=True)
+    temperatures = (0.0, 1.0) if temperature is None else (temperature,)
+    keys = [cache_keys(gen, t)["acceptance"] for t in temperatures] + [cache_keys(gen, 0.0)["costs"]]
+    for key in keys:
+        cache_path(key).unlink(missing_ok=True)

@@ -252,7 +252,7 @@ def run_cli(args, shape) -> int:
     if args.retune:
         from .autotune import forget
 
-        forget(gen)
+        forget(gen, args.temperature)
     env = environment(gen)
     env["busy_processes"] = args.busy
     try:

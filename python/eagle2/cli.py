@@ -166,7 +166,7 @@ def _run_tune(args) -> int:
         gen = load(args.target, args.draft, dtype=args.dtype, device=args.device, draft_dtype=args.draft_dtype)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         raise SystemExit(f"eagle2 tune: {e}")
-    forget(gen)
+    forget(gen, args.temperature)
     s = gen.tree_shape(args.temperature, total_tokens="auto")
     print(json.dumps({"total_tokens": s.total_tokens, "depth": s.depth, "branching": s.branching}))
     return 0
@@ -368,7 +368,7 @@ def run_generate(args) -> int:
     if args.retune:
         from .autotune import forget
 
-        forget(gen)
+        forget(gen, args.temperature)
         m = "auto" if spec is None else m
     opts = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                 seed=args.seed, method=args.method, total_tokens=m, depth=d, branching=b, stop=args.stop,

@@ -174,6 +174,22 @@ def test_cache_round_trip_and_forget(gen, fast_tuning):
     assert list((root / "autotune").glob("*.json")) == []
 
 
+def test_forgetting_one_regime_keeps_the_others_acceptance(gen, fast_tuning):
+    """`eagle2 tune --temperature 1` re-measures the costs and the sampling acceptance; the greedy
+    acceptance, measured whenever greedy was tuned, stays."""
+    calls, root = fast_tuning
+    at.forget(gen)
+    at.tuned_shape(gen)
+    at.tuned_shape(gen, temperature=1.0)
+    assert calls == {"costs": 1, "acceptance": 2}
+    at.forget(gen, 1.0)
+    names = sorted(f.name for f in (root / "autotune").glob("*.json"))
+    assert names == [at.cache_path(at.cache_keys(gen, 0.0)["acceptance"]).name]
+    at.tuned_shape(gen, temperature=1.0)
+    at.tuned_shape(gen)
+    assert calls == {"costs": 2, "acceptance": 3}  # greedy came from the cache
+
+
 def test_draft_costs_are_keyed_by_the_heads_size_and_dtype(gen):
     """A deeper head, or one in another dtype, drafts at another cost (and the dtype can change
     what it proposes): neither may reuse a cached measurement."""
