@@ -251,17 +251,20 @@ void tiles_for(Path path, int dtype, std::vector<TileFn>& fns) {
   fns.push_back(tile_fn<R, MBMax>(path, dtype));
 }
 
-// Rows of the next x block when `left` remain, at most `mb`: the fewest blocks, as even as they go
-// (a block of one row would do R multiply-adds per weight load instead of 2R or 3R: 4 rows at
-// mb = 3 go as 2 + 2, 10 at mb = 6 as 5 + 5).
+// The x blocks that M rows go in, at most mb rows each: the fewest.
+inline int64_t x_blocks(int64_t M, int64_t mb) { return (M + mb - 1) / mb; }
+
+// Rows of the next x block when `left` remain, at most `mb`: x_blocks(left, mb) blocks, as even as
+// they go (a block of one row would do R multiply-adds per weight load instead of 2R or 3R: 4 rows
+// at mb = 3 go as 2 + 2, 10 at mb = 6 as 5 + 5), so the rows left after it take one block fewer.
 inline int64_t block_rows(int64_t left, int64_t mb) {
-  const int64_t blocks = (left + mb - 1) / mb;
+  const int64_t blocks = x_blocks(left, mb);
   return (left + blocks - 1) / blocks;
 }
 
 // Multiply-adds per vector load of M x rows against tiles of R weight rows, x blocks of at most
 // mb rows: each k step of a block loads R weight vectors and one x vector per row.
-inline double fma_per_load(int64_t M, int64_t R, int64_t mb) { return double(R * M) / double(R * ((M + mb - 1) / mb) + M); }
+inline double fma_per_load(int64_t M, int64_t R, int64_t mb) { return double(R * M) / double(R * x_blocks(M, mb) + M); }
 
 // All x rows against weight rows [n0, n0 + R), a block at a time. Meanwhile the blocks prefetch
 // the next tile's weights (`next`, `bytes` of them, if any), spread evenly over their steps, so
@@ -269,9 +272,7 @@ inline double fma_per_load(int64_t M, int64_t R, int64_t mb) { return double(R *
 inline void rows(const Problem& P, const std::vector<TileFn>& fns, int64_t n0, const char* next, int64_t bytes,
                  int64_t step) {
   const int64_t mb = int64_t(fns.size());
-  int64_t blocks = 0;
-  for (int64_t m0 = 0; m0 < P.M; ++blocks) m0 += block_rows(P.M - m0, mb);
-  const int64_t steps = blocks * ((P.K + step - 1) / step);
+  const int64_t steps = x_blocks(P.M, mb) * ((P.K + step - 1) / step);
   const int64_t per_step = next != nullptr && steps > 0 ? (bytes / 64 + steps - 1) / steps : 0;  // K = 0: none
   const int64_t per_block = per_step * 64 * ((P.K + step - 1) / step);
   for (int64_t m0 = 0, b = 0; m0 < P.M; ++b) {
