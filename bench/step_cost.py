@@ -147,7 +147,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--threads", type=int, help="torch threads (default: torch's default)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--draft-dtype", choices=["float32", "bfloat16", "float16"], help="the draft head's (default: --dtype)")
+    p.add_argument("--draft-dtype", choices=["float32", "bfloat16", "float16"], help="the draft head's (default: eagle2.load's)")
     p.add_argument("--target", help="target checkpoint folder (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--draft", help="draft head folder (default: the shipped head)")
     p.add_argument("--shape", default="16/4/6", help="tree shape M/D/K for the draft phases and the loop")
@@ -164,7 +164,7 @@ def main() -> int:
     gen = eagle2.load(args.target, args.draft, dtype=getattr(torch, args.dtype), draft_dtype=args.draft_dtype)
     start = time.time()
     out = {"machine": eagle2_kernels.device_name("cpu"), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
-           "dtype": args.dtype, "draft_dtype": args.draft_dtype or args.dtype, "prefix": PREFIX, "shape": args.shape, "torch": torch.__version__,
+           "dtype": args.dtype, "draft_dtype": str(gen.head.dtype).removeprefix("torch."), "prefix": PREFIX, "shape": args.shape, "torch": torch.__version__,
            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "loadavg_start": [round(x, 2) for x in os.getloadavg()], "command": " ".join(["python", *sys.argv])}
     parts = target_phases(gen, sizes, args.repeats)

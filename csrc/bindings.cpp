@@ -81,6 +81,8 @@ PYBIND11_MODULE(E2K_MODULE, mod) {
     e2k::skinny_linear_cpu(ptr<const void>(x), ptr<const void>(w), ptr<const void>(bias), dtype, M, K, N,
                            ptr<void>(y), threads);
   });
+  mod.def("skinny_linear_bf16_dot", &e2k::skinny_linear_bf16_dot,
+          "Whether skinny_linear multiplies bfloat16 with AVX512-BF16's dot product on this CPU.");
 #endif
   mod.def("kv_compact", [](u cache, i64 elem_size, i64 N, i64 B, i64 H, i64 S, i64 d, u prefix_len, u accepted,
                            i64 L, u accept_len, i64 threads, u stream) {

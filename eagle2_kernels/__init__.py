@@ -7,7 +7,8 @@ Public ops (batched, leading dim B >= 1; indices int32, scores float32):
   tree_verify      greedy or lossless sampling acceptance of a tree against target logits
   kv_compact       move accepted tree entries of a KV cache into place
   skinny_linear    x W^T + b for a decode step's few rows: W read once, each row computed alike
-                   (SkinnyLinearPlan: the same with the weights checked once, for per-step calls)
+                   (SkinnyLinearPlan: the same with the weights checked once, for per-step calls;
+                   skinny_linear_bf16_dot: whether this CPU multiplies bfloat16 natively)
 
 Each op validates its arguments (ValueError naming the argument), then dispatches by device
 to the fastest available backend, or to the one named by `backend=`. `backends()` says what
@@ -18,7 +19,7 @@ from ._backend import IMPLEMENTATIONS, backends, device_name
 from .ops.frontier_expand import frontier_expand
 from .ops.kv_compact import kv_compact
 from .ops.rerank import rerank
-from .ops.skinny_linear import MAX_ROWS as SKINNY_LINEAR_MAX_ROWS, SkinnyLinearPlan, skinny_linear
+from .ops.skinny_linear import MAX_ROWS as SKINNY_LINEAR_MAX_ROWS, SkinnyLinearPlan, skinny_linear, skinny_linear_bf16_dot
 from .ops.tree_attention import tree_attention
 from .ops.tree_verify import tree_verify
 from .reference import FrontierExpansion, Tree, VerifyResult, pack_mask_bits
@@ -28,6 +29,6 @@ OPS = tuple(IMPLEMENTATIONS)
 
 __all__ = [
     "OPS", "SKINNY_LINEAR_MAX_ROWS", "SkinnyLinearPlan", "FrontierExpansion", "Tree", "VerifyResult", "backends", "device_name", "frontier_expand", "kv_compact",
-    "pack_mask_bits", "rerank", "skinny_linear", "tree_attention", "tree_verify",
+    "pack_mask_bits", "rerank", "skinny_linear", "skinny_linear_bf16_dot", "tree_attention", "tree_verify",
 ]
 __version__ = "0.2.0"

@@ -74,10 +74,10 @@ CALIBRATION_TOKENS = 64
 PRIOR_STEPS = 20
 # exp(score) bin edges of the calibration map (finer where draft confidences cluster).
 BIN_EDGES = np.array([0.0, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0 + 1e-9])
-FORMAT = 7  # bump when the cached measurements change meaning (3: skinny_linear verify costs; 4: on the skinny twin;
+FORMAT = 8  # bump when the cached measurements change meaning (3: skinny_linear verify costs; 4: on the skinny twin;
 #            5: skinny_linear prefetches the next weight tile and threads one-row products; 6: tree_attention
 #            splits a step's rows over the threads, skinny_linear's cheaper epilogue; 7: skinny_linear's
-#            4-row tiles)
+#            4-row tiles; 8: its non-temporal weight prefetch, the bfloat16 draft default)
 
 _MEMO: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 

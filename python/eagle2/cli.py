@@ -44,7 +44,7 @@ def _add_model_args(p: argparse.ArgumentParser, dtypes=DTYPES) -> None:
     p.add_argument("--target", metavar="PATH", help="local HF checkpoint folder (default: embedded SmolLM2-135M-Instruct)")
     p.add_argument("--draft", metavar="PATH", help="EAGLE-1/2 draft head folder (default: the shipped head)")
     p.add_argument("--dtype", choices=dtypes, default="float32")
-    p.add_argument("--draft-dtype", choices=DTYPES, help="the draft head's dtype (default: --dtype; it never changes the output)")
+    p.add_argument("--draft-dtype", choices=DTYPES, help="the draft head's dtype (default: bfloat16 for a float32 target on a CPU with AVX512-BF16, else --dtype; it never changes the output)")
     p.add_argument("--device", default="cpu")
 
 

@@ -174,3 +174,21 @@ def test_plan_bad_input_is_the_ops_error(x, match):
 def test_plan_bad_weights_are_a_clear_error(weight, bias, match):
     with pytest.raises(ValueError, match=match):
         ek.SkinnyLinearPlan(weight, bias)
+
+
+def test_bf16_dot_is_what_the_cpu_has():
+    """skinny_linear_bf16_dot says whether the CPU kernel takes the AVX512-BF16 path: on Linux
+    exactly when the CPU lists avx512_bf16 (with avx512f/bw/vl) and the CPU kernels are built."""
+    import pathlib
+    import platform
+
+    got = ek.skinny_linear_bf16_dot()
+    assert isinstance(got, bool)
+    if ek.backends()["cpu"] != "available":
+        assert got is False
+        return
+    info = pathlib.Path("/proc/cpuinfo")
+    if platform.machine() != "x86_64" or not info.exists():
+        pytest.skip("the CPU's flags are read from Linux's /proc/cpuinfo on x86-64")
+    flags = next(line for line in info.read_text().splitlines() if line.startswith("flags")).split()
+    assert got == all(f in flags for f in ("avx512f", "avx512bw", "avx512vl", "avx512_bf16"))

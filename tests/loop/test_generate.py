@@ -176,6 +176,21 @@ def test_greedy_is_exact_in_every_dtype_on_the_cpu(dtype):
         assert [r.tokens for r in out] == vanilla, shape
 
 
+def test_the_draft_dtype_defaults_to_bfloat16_where_the_cpu_multiplies_it():
+    """load() without draft_dtype: a float32 target's head runs in bfloat16 on a CPU whose
+    skinny_linear has the bfloat16 dot product, else in the target's dtype; a bfloat16 or
+    float16 target keeps its own."""
+    import eagle2
+    import eagle2_kernels
+
+    native = eagle2_kernels.skinny_linear_bf16_dot()
+    for dtype, want in ((torch.float32, torch.bfloat16 if native else torch.float32),
+                        (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16)):
+        target = tiny_target(layer_scale=0.5, logit_scale=2.0).to(dtype)
+        gen = eagle2.load(target, draft=cheat_head(tiny_target(layer_scale=0.5, logit_scale=2.0)), shape=TreeShape(4, 2, 2))
+        assert gen.head.dtype == want, dtype
+
+
 @pytest.mark.parametrize("head_dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_a_draft_head_in_its_own_dtype_changes_nothing_but_speed(head_dtype):
     """eagle2.load(draft_dtype=...): the head (its draft cache, its share of the lm_head) runs in

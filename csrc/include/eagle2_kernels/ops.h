@@ -34,6 +34,10 @@ void kv_compact_cpu(void* cache, int64_t elem_size, int64_t N, int64_t B, int64_
 // CPU only (on CUDA the BLAS already reads a skinny GEMM's weights once).
 void skinny_linear_cpu(const void* x, const void* w, const void* bias, int dtype, int64_t M, int64_t K, int64_t N,
                        void* y, int64_t threads);
+// Whether skinny_linear_cpu multiplies bfloat16 with AVX512-BF16's dot product on this CPU (then a
+// bfloat16 layer costs about half a float32 one: half the bytes, twice the multiply-adds per
+// instruction); otherwise bfloat16 is widened to float32 first.
+bool skinny_linear_bf16_dot();
 
 #ifdef E2K_WITH_CUDA
 int cuda_device_count();
