@@ -120,17 +120,21 @@ class Generator:
             pad = getattr(self.tokenizer, "pad_token_id", None)
             rows = hf_generate(self.model, ids, max_new_tokens, sampling=sampling, eos_ids=self.eos_ids, pad_id=pad, seed=seed)
             return [self._result(r) for r in rows]
-        head = shape = None
+        head = shape = reduced = None
         if method == "eagle2":
             if self.head is None:
                 raise ValueError("method 'eagle2' needs a draft head (load(..., draft=PATH)); use 'vanilla' without one")
             head, shape = self.head, self.tree_shape(temperature, total_tokens, depth, branching)
+            if (total_tokens == "auto" or (self.shape == "auto" and total_tokens is None)) and depth is branching is None:
+                from .autotune import reduced_shape  # the whole tree is tuned: so is the one for a busy machine
+
+                reduced = reduced_shape(self, temperature)
             vocab = len(head.d2t) if head.d2t is not None else head.config.vocab_size
             if shape.branching > vocab:
                 raise ValueError(f"branching: expected at most {vocab} (the draft head's vocabulary), "
                                  f"got {shape.branching}")
         try:
-            rows = decode(self.model, ids, max_new_tokens, head=head, shape=shape, sampling=sampling,
+            rows = decode(self.model, ids, max_new_tokens, head=head, shape=shape, reduced_shape=reduced, sampling=sampling,
                           eos_ids=self.eos_ids, seed=seed, stream=stream, stop_at=stop_at)
         finally:
             if streamer is not None:
@@ -189,9 +193,11 @@ class Generator:
         TreeShape(**{k: 1 if v in (None, "auto") else v for k, v in given.items()})  # bad values fail before tuning
         base = self.shape
         if total_tokens == "auto" or (base == "auto" and None in given.values()):
-            from .autotune import tuned_shape
+            from .autotune import reduced_shape, tuned_shape
 
             base = tuned_shape(self, temperature, measure=total_tokens == "auto") or self._untuned_shape()
+            if total_tokens == "auto":
+                reduced_shape(self, temperature, measure=True)  # measured beside it, used by generate
         return TreeShape(**{k: getattr(base, k) if v in (None, "auto") else v for k, v in given.items()})
 
     def _untuned_shape(self) -> TreeShape:
@@ -240,7 +246,7 @@ def default_draft_dtype(target_dtype: torch.dtype, device: torch.device) -> torc
     """The draft head's dtype when load() is not told: bfloat16 for a float32 target on a CPU
     whose skinny_linear multiplies bfloat16 natively (AVX512-BF16: the head's weights, a share
     of the lm_head among them, are half the bytes and twice the multiply-adds per instruction;
-    measured +4-5% tokens/s end to end on the 2-core dev CPU at the same acceptance), else the
+    measured +3-5% tokens/s end to end on the 2-core dev CPU at the same acceptance), else the
     target's dtype."""
     import eagle2_kernels
 
@@ -260,10 +266,11 @@ def load(target=None, draft=None, dtype: torch.dtype | str | None = None, device
     target, which then supports only 'vanilla' and 'hf'.
     dtype: a torch dtype or its name (default float32; an in-memory target keeps its own);
     device: "cpu", "cuda" or "cuda:N" (default: the GPU when torch sees one, else the CPU).
-    draft_dtype: the draft head's dtype (default: `default_draft_dtype`). The draft only
-    proposes tokens that the target then verifies, so its precision changes which tokens are
-    proposed, never what is generated: greedy output stays plain greedy decoding's, sampling
-    the target's distribution.
+    draft_dtype: the draft head's dtype (default: `default_draft_dtype` for a head read from a
+    folder; an in-memory head keeps its own unless this is given, and is then converted in
+    place). The draft only proposes tokens that the target then verifies, so its precision
+    changes which tokens are proposed, never what is generated: greedy output stays plain
+    greedy decoding's, sampling the target's distribution.
     shape: a TreeShape, or "auto" (default): the shape `eagle2 tune` measured best for this
     machine, model and head (eagle2.autotune; cached), DEFAULT_SHAPE until it has run.
     Raises ValueError for a bad argument and for a checkpoint folder that cannot be read."""
@@ -288,11 +295,11 @@ def load(target=None, draft=None, dtype: torch.dtype | str | None = None, device
     param = next(model.parameters())
     if draft is None and target is None:
         draft = DEFAULT_HEAD
-    head_dtype = check_dtype(draft_dtype) if draft_dtype is not None else default_draft_dtype(param.dtype, param.device)
+    head_dtype = check_dtype(draft_dtype) if draft_dtype is not None else None
     if isinstance(draft, (DraftHead, Eagle3Head)):
         head = draft.to(device=param.device, dtype=head_dtype)
     elif draft is not None:
-        head = load_head(draft, dtype=head_dtype, device=param.device)
+        head = load_head(draft, dtype=head_dtype or default_draft_dtype(param.dtype, param.device), device=param.device)
     else:
         head = None
     return Generator(model, tokenizer, head, shape)

@@ -27,6 +27,9 @@ E[...]      1 + the sum over the tree's nodes of their acceptance probability. A
             replayed tree actually got (unbiased, noisy with few steps). E = their blend,
             the score estimate counting as PRIOR_STEPS steps.
 
+The decode loop's ThreadGovernor runs a step on fewer threads while other processes keep cores
+busy, and a tree tuned for all of them then costs more than it gains: `eagle2 tune` also measures
+the costs at 1 thread, and steps on at most half the threads use that tree (`reduced_shape`).
 Costs are cached per machine + model + dtype + threads, acceptance per model + head +
 regime (greedy, or sampling at any temperature), as JSON under $EAGLE2_CACHE/autotune (default
 ~/.cache/eagle2/autotune); `forget(gen)` drops them (`eagle2 tune` and `--retune`: the costs and
@@ -234,7 +237,7 @@ def capture_steps(gen, prompts, shape: TreeShape, temperature: float = 0.0,
     from .generate import Decoder, Sampling, prefill, speculate, verify
 
     steps = []
-    dec = Decoder(skinny_twin(gen.model), skinny_twin(gen.head), shape, Sampling(temperature), gen.eos_ids,
+    dec = Decoder(skinny_twin(gen.model), skinny_twin(gen.head), shape, None, Sampling(temperature), gen.eos_ids,
                   max_new_tokens)
     for i, prompt in enumerate(prompts):
         ids = gen.encode(prompt)
@@ -406,13 +409,14 @@ def regime(temperature: float) -> str:
     return "greedy" if temperature == 0 else "sampling"
 
 
-def cache_keys(gen, temperature: float) -> dict:
-    """What the cached costs and acceptance depend on."""
+def cache_keys(gen, temperature: float, threads: int | None = None) -> dict:
+    """What the cached costs (at `threads`, default torch's count) and acceptance depend on."""
     param = next(gen.model.parameters())
     model = {"model": _model_id(gen.model), "dtype": str(param.dtype), "device": str(param.device)}
     head = gen.head
     vocab = len(head.d2t) if head.d2t is not None else head.config.vocab_size
-    costs = {"kind": "costs", "format": FORMAT, **model, "machine": _machine(), "threads": torch.get_num_threads(),
+    costs = {"kind": "costs", "format": FORMAT, **model, "machine": _machine(),
+             "threads": threads or torch.get_num_threads(),
              "draft_vocab": vocab, "draft_hidden": head.config.hidden_size,
              "draft_decoder_layers": head.config.num_hidden_layers, "draft_intermediate": head.config.intermediate_size,
              "draft_layers": list(head.target_layers or []),  # an EAGLE-3 head's verify also captures layers
@@ -448,16 +452,21 @@ def _store(key: dict, value) -> None:
     os.replace(tmp, path)
 
 
-def _measured(gen, temperature: float, measure: bool):
-    """(costs, acceptance, measured now?) from the cache, measuring what is missing when
-    `measure`; None when something is missing and measure is False."""
-    keys = cache_keys(gen, temperature)
+def _measured(gen, temperature: float, measure: bool, threads: int | None = None):
+    """(costs at `threads`, acceptance, measured now?) from the cache, measuring what is
+    missing when `measure`; None when something is missing and measure is False."""
+    keys = cache_keys(gen, temperature, threads)
     costs, acc = _load(keys["costs"], Costs), _load(keys["acceptance"], Acceptance)
     if (costs is None or acc is None) and not measure:
         return None
     fresh = costs is None or acc is None
     if costs is None:
-        costs = measure_costs(gen, progress=True)
+        saved = torch.get_num_threads()
+        torch.set_num_threads(threads or saved)
+        try:
+            costs = measure_costs(gen, progress=True)
+        finally:
+            torch.set_num_threads(saved)
         _store(keys["costs"], costs)
     if acc is None:
         print("[eagle2] tuning: acceptance of the draft head (a few short generations) ...", file=sys.stderr, flush=True)
@@ -481,24 +490,36 @@ def explain(shape: TreeShape, rows: list[dict], costs: Costs) -> str:
             f"(drafting and a {runner['m']}-token verify) against 1 token per {best['seconds'] * 1e3:.0f} ms")
 
 
-def tuned_shape(gen, temperature: float = 0.0, measure: bool = True) -> TreeShape | None:
+def tuned_shape(gen, temperature: float = 0.0, measure: bool = True, threads: int | None = None) -> TreeShape | None:
     """The tree shape maximising expected committed tokens per second for this Generator, from
-    costs measured on this machine and the head's acceptance (cached per machine, model, head,
-    threads and regime). measure=False: only what is cached (None if nothing is)."""
+    costs measured on this machine at `threads` CPU threads (default torch's count) and the
+    head's acceptance (cached per machine, model, head, threads and regime). measure=False:
+    only what is cached (None if nothing is)."""
     memo = _MEMO.setdefault(gen, {})
-    key = regime(temperature)
+    n = threads or torch.get_num_threads()
+    key = (regime(temperature), n)
     if key not in memo:
         if gen.head is None:
             raise ValueError("tree shape 'auto' needs a draft head")
-        got = _measured(gen, temperature, measure)
+        got = _measured(gen, temperature, measure, n)
         if got is None:
             return None
         costs, acc, fresh = got
         shape, rows = choose(costs, acc)
         if fresh:  # said when measured, not on every later run that reads the cache
-            print(f"[eagle2] {explain(shape, rows, costs)}", file=sys.stderr, flush=True)
+            print(f"[eagle2] {n} thread{'s' * (n > 1)}: {explain(shape, rows, costs)}", file=sys.stderr, flush=True)
         memo[key] = shape
     return memo[key]
+
+
+def reduced_shape(gen, temperature: float = 0.0, measure: bool = False) -> TreeShape | None:
+    """The tree for the decode steps that other processes leave at most half the cores to (the
+    ThreadGovernor runs them on at most half the caller's threads; on 2 cores, one): the shape
+    tuned at 1 thread, where a large tree loses most. None on a GPU, at 1 thread already, or
+    (measure=False) when the 1-thread costs were not measured."""
+    if next(gen.model.parameters()).device.type != "cpu" or torch.get_num_threads() == 1:
+        return None
+    return tuned_shape(gen, temperature, measure, threads=1)
 
 
 def forget(gen, temperature: float | None = None) -> None:
@@ -509,6 +530,7 @@ def forget(gen, temperature: float | None = None) -> None:
     if gen.head is None:
         return
     temperatures = (0.0, 1.0) if temperature is None else (temperature,)
-    keys = [cache_keys(gen, t)["acceptance"] for t in temperatures] + [cache_keys(gen, 0.0)["costs"]]
+    keys = [cache_keys(gen, t)["acceptance"] for t in temperatures] + [cache_keys(gen, 0.0, n)["costs"]
+                                                                        for n in {torch.get_num_threads(), 1}]
     for key in keys:
         cache_path(key).unlink(missing_ok=True)

@@ -106,8 +106,12 @@ def run_bench(gen, items: list[dict], methods: list[Method], *, max_new_tokens: 
             done = ", ".join(f"{m.label} {out[m.label]['new_tokens'] / out[m.label]['seconds']:.1f}" for m in methods)
             print(f"[bench] {i + 1}/{len(items)} {item['id']} ({time.perf_counter() - t0:.0f} s): {done} tokens/s",
                   file=sys.stderr, flush=True)
+    from .autotune import reduced_shape
+
+    reduced = {m.label: reduced_shape(gen, temperature) for m in methods if m.shape == "auto"}
     return {"rows": rows, "summary": summarise(rows, [m.label for m in methods]),
-            "shapes": {k: list(dataclasses.astuple(v)) for k, v in shapes.items()}}
+            "shapes": {k: list(dataclasses.astuple(v)) for k, v in shapes.items()},
+            "reduced_shapes": {k: v and list(dataclasses.astuple(v)) for k, v in reduced.items()}}
 
 
 def first_divergence(model, prompt_ids: list[int], reference: list[int], other: list[int]) -> dict:
@@ -153,7 +157,10 @@ def _run_one(gen, method: Method, shape, prompt_ids: list[int], max_new_tokens: 
         [r] = hf_generate(gen.model, [prompt_ids], max_new_tokens, sampling=Sampling(temperature), eos_ids=gen.eos_ids, seed=seed,
                           prompt_lookup=lookup)
         return _row(r.tokens, r.seconds, r.target_forwards)
-    m, d, b = dataclasses.astuple(shape) if shape is not None else (None, None, None)
+    # eagle2@auto asks for "auto" itself, so that its steps on a busy machine take the tree tuned
+    # for fewer threads (autotune.reduced_shape), as a user's call would.
+    m, d, b = ("auto", None, None) if method.shape == "auto" else \
+        dataclasses.astuple(shape) if shape is not None else (None, None, None)
     start = time.perf_counter()
     [r] = gen.generate([prompt_ids], max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
                        method=method.kind, total_tokens=m, depth=d, branching=b)
@@ -267,7 +274,7 @@ def run_cli(args, shape) -> int:
         out = {"header": {**env, "command": "eagle2 " + " ".join(sys.argv[1:]) if sys.argv else "",
                           "settings": {"temperature": args.temperature, "max_new_tokens": args.max_new_tokens,
                                        "seed": args.seed, "prompts": args.prompts, "methods": [m.label for m in methods]},
-                          "shapes": res["shapes"]},
+                          "shapes": res["shapes"], "reduced_shapes": res["reduced_shapes"]},
                "summary": res["summary"], "rows": res["rows"]}
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(out, indent=1) + "\n")

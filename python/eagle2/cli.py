@@ -149,7 +149,8 @@ def _add_tune(sub) -> None:
     p = sub.add_parser("tune", help="measure the best tree shape for this machine, model and head (cached)",
                        description="Time the verify step per tree size and the draft growth per depth and branching "
                                    "on this machine, measure the head's acceptance, and cache the best tree shape "
-                                   "(eagle2.autotune; about a minute on a 2-core CPU). `generate` and the API use it "
+                                   "(eagle2.autotune; about a minute on a 2-core CPU), and the best at 1 thread, for "
+                                   "the steps that other processes leave at most half the cores to. `generate` and the API use it "
                                    "from then on wherever the shape is 'auto' (the default).")
     p.add_argument("--temperature", type=float, default=0.0, metavar="T",
                    help="0: greedy (default); any T > 0 tunes the sampling regime")
@@ -159,7 +160,7 @@ def _add_tune(sub) -> None:
 
 def _run_tune(args) -> int:
     from .api import load
-    from .autotune import forget
+    from .autotune import forget, reduced_shape
 
     check_model_args(args, "tune", needs_head=True)
     try:
@@ -168,7 +169,9 @@ def _run_tune(args) -> int:
         raise SystemExit(f"eagle2 tune: {e}")
     forget(gen, args.temperature)
     s = gen.tree_shape(args.temperature, total_tokens="auto")
-    print(json.dumps({"total_tokens": s.total_tokens, "depth": s.depth, "branching": s.branching}))
+    r = reduced_shape(gen, args.temperature)
+    as_dict = lambda t: {"total_tokens": t.total_tokens, "depth": t.depth, "branching": t.branching}  # noqa: E731
+    print(json.dumps({**as_dict(s), "reduced": r and as_dict(r)}))
     return 0
 
 

@@ -88,11 +88,14 @@ def check_prompts(prompts: list[list[int]], context: int, vocab: int) -> None:
 
 @dataclass(frozen=True)
 class Decoder:
-    """What stays fixed during one decode call. head None = plain decoding."""
+    """What stays fixed during one decode call. head None = plain decoding. reduced_shape: the
+    tree for the steps that the ThreadGovernor runs on at most half the caller's threads
+    (None: shape for every step)."""
 
     model: object
     head: object
     shape: TreeShape | None
+    reduced_shape: TreeShape | None
     sampling: Sampling
     eos_ids: frozenset[int]
     max_new_tokens: int
@@ -102,6 +105,17 @@ class Decoder:
     @property
     def context(self) -> int:
         return self.model.config.max_position_embeddings
+
+    def shape_for(self, threads: int, limit: int) -> TreeShape | None:
+        """The step's tree on `threads` of the caller's `limit` threads."""
+        return self.reduced_shape if 2 * threads <= limit and self.reduced_shape is not None else self.shape
+
+    @property
+    def cache_shape(self) -> tuple[int, int]:
+        """(tree tokens, drafted entries) the caches must hold beyond the committed tokens: the
+        most that any step's tree needs ((1, 0) for plain decoding)."""
+        shapes = [s for s in (self.shape, self.reduced_shape) if s is not None and self.head is not None]
+        return max((s.total_tokens for s in shapes), default=1), max((s.branching * s.depth for s in shapes), default=0)
 
 
 @dataclass
@@ -134,24 +148,27 @@ class Batch:
 
 @torch.inference_mode()
 def decode(model, prompts: list[list[int]], max_new_tokens: int, *, head=None, shape: TreeShape | None = None,
-           sampling: Sampling = Sampling(), eos_ids: frozenset[int] = frozenset(), seed: int | None = None,
-           stream=None, stop_at=None) -> list[RowResult]:
+           reduced_shape: TreeShape | None = None, sampling: Sampling = Sampling(),
+           eos_ids: frozenset[int] = frozenset(), seed: int | None = None, stream=None,
+           stop_at=None) -> list[RowResult]:
     """Generate for a batch of token-id prompts with EAGLE-2 (head and shape given) or plain
-    decoding (head None). stream(row, new_ids) is called as tokens are committed;
-    stop_at(tokens) -> how many of a row's tokens to keep when they hold a stop, else None."""
+    decoding (head None). reduced_shape: the tree for steps that other processes leave at most
+    half the cores to (eagle2.threads; autotune.reduced_shape), else shape's. stream(row, new_ids)
+    is called as tokens are committed; stop_at(tokens) -> how many of a row's tokens to keep
+    when they hold a stop, else None."""
     check_prompts(prompts, model.config.max_position_embeddings, model.get_output_embeddings().weight.shape[0])
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens: expected an int >= 1, got {max_new_tokens!r}")
     if head is not None and shape is None:
         raise ValueError("shape: EAGLE-2 decoding needs a TreeShape")
-    dec = Decoder(skinny_twin(model), skinny_twin(head), shape, sampling, frozenset(eos_ids), max_new_tokens, stream,
-                  stop_at)
+    dec = Decoder(skinny_twin(model), skinny_twin(head), shape, reduced_shape if head is not None else None, sampling,
+                  frozenset(eos_ids), max_new_tokens, stream, stop_at)
     with ThreadGovernor(model.device) as threads:
         threads.step()
         batch = prefill(dec, prompts, seed)
         while batch.rows:
-            threads.step()
-            tree, _ = speculate(dec, batch)
+            shape = dec.shape_for(threads.step(), threads.limit)
+            tree, _ = speculate(dec, batch, shape)
             verify(dec, batch, tree)
     return batch.results
 
@@ -159,13 +176,14 @@ def decode(model, prompts: list[list[int]], max_new_tokens: int, *, head=None, s
 def prefill(dec: Decoder, prompts: list[list[int]], seed: int | None) -> Batch:
     """The target over the prompts (a padded chain from position 0 in every row), the first
     token of each, and the caches sized for the whole call."""
-    model, head, shape = dec.model, dec.head, dec.shape
+    model, head = dec.model, dec.head
     param = next(model.parameters())
     dev, dtype = param.device, param.dtype
     B = len(prompts)
     lens = torch.tensor([len(p) for p in prompts], device=dev)
     total = int((lens + dec.max_new_tokens).clamp(max=dec.context).max())
-    tcache = KVCache.for_model(model.config, B, total + (shape.total_tokens if head is not None else 1) + 1, dtype, dev)
+    tree_tokens, drafted = dec.cache_shape
+    tcache = KVCache.for_model(model.config, B, total + tree_tokens + 1, dtype, dev)
     gen = torch.Generator(device=dev)
     gen.manual_seed(seed) if seed is not None else gen.seed()
     start = time.perf_counter()
@@ -180,7 +198,7 @@ def prefill(dec: Decoder, prompts: list[list[int]], seed: int | None) -> Batch:
     batch = Batch(list(range(B)), lens, lens + 1, first.int(), tcache, None, None,
                   [RowResult(target_forwards=1) for _ in range(B)], gen, start)
     if head is not None:
-        batch.dcache = KVCache.for_model(head.config, B, total + shape.branching * shape.depth + 1, head.dtype, dev)
+        batch.dcache = KVCache.for_model(head.config, B, total + drafted + 1, head.dtype, dev)
         pend_tokens = torch.cat([ids[:, 1:], torch.zeros_like(ids[:, :1])], dim=1)
         pend_tokens.scatter_(1, last, first[:, None].to(ids.dtype))  # t_{i+1} for every f_i
         batch.pending = (dfeats, pend_tokens, torch.ones_like(lens), lens)
@@ -188,10 +206,11 @@ def prefill(dec: Decoder, prompts: list[list[int]], seed: int | None) -> Batch:
     return batch
 
 
-def speculate(dec: Decoder, batch: Batch) -> tuple[Tree, Candidates | None]:
-    """The next tree of every active row: the draft catches up on what the last step committed,
-    then expands and reranks (the one-node tree without a head, or when no room is left).
-    Returns the tree and the candidates it was reranked from (None for a one-node tree)."""
+def speculate(dec: Decoder, batch: Batch, shape: TreeShape | None = None) -> tuple[Tree, Candidates | None]:
+    """The next tree of every active row (of `shape`, default dec.shape): the draft catches up
+    on what the last step committed, then expands and reranks (the one-node tree without a
+    head, or when no room is left). Returns the tree and the candidates it was reranked from
+    (None for a one-node tree)."""
     prefix = batch.tcache.lengths.clone()  # = n - 1, the root's position
     if dec.head is None:
         return root_only(batch.root, prefix), None
@@ -200,11 +219,12 @@ def speculate(dec: Decoder, batch: Batch) -> tuple[Tree, Candidates | None]:
     # commit, nor place a node at a position from which the bonus would leave the context.
     room = int((dec.context - batch.n).min())
     need = int((batch.lens + dec.max_new_tokens - batch.n).max())
-    depth = min(dec.shape.depth, room - 1, need - 1)
-    m = min(dec.shape.total_tokens, 1 + dec.shape.candidates(depth)) if depth > 0 else 1
+    shape = shape or dec.shape
+    depth = min(shape.depth, room - 1, need - 1)
+    m = min(shape.total_tokens, 1 + shape.candidates(depth)) if depth > 0 else 1
     if m == 1:
         return root_only(batch.root, prefix), None
-    cands = expand(dec.head, batch.dcache, root_hidden, prefix, depth, dec.shape.branching)
+    cands = expand(dec.head, batch.dcache, root_hidden, prefix, depth, shape.branching)
     return rerank(cands, batch.root, prefix, m, depth), cands
 
 

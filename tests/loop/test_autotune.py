@@ -209,8 +209,33 @@ def test_untuned_auto_uses_the_default_shape_without_measuring(gen, fast_tuning,
     assert untuned.tree_shape(depth=2) == TreeShape(eagle2.DEFAULT_SHAPE.total_tokens, 2, eagle2.DEFAULT_SHAPE.branching)
     assert calls == {"costs": 0, "acceptance": 0}
     assert capsys.readouterr().err.count("eagle2 tune") == 1  # said once
-    untuned.tree_shape(total_tokens="auto")  # asked for: measured now
-    assert calls == {"costs": 1, "acceptance": 1}
+    untuned.tree_shape(total_tokens="auto")  # asked for: measured now (and at 1 thread, for a busy machine)
+    assert calls == {"costs": 1 + (torch.get_num_threads() > 1), "acceptance": 1}
+
+
+def test_the_tree_for_a_busy_machine_is_tuned_at_one_thread(gen, fast_tuning):
+    """total_tokens="auto" (eagle2 tune) also measures the costs at 1 thread, cached apart,
+    with torch's thread count restored; reduced_shape reads that tree, and is None at 1 thread;
+    forget drops both."""
+    calls, root = fast_tuning
+    saved = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        at.forget(gen)
+        assert at.reduced_shape(gen) is None  # nothing measured: nothing read
+        gen.tree_shape(total_tokens="auto")
+        assert calls == {"costs": 2, "acceptance": 1} and torch.get_num_threads() == 2
+        keys = [json.loads(f.read_text())["key"] for f in (root / "autotune").glob("costs-*.json")]
+        assert sorted(k["threads"] for k in keys) == [1, 2]
+        one = at.reduced_shape(gen)
+        assert isinstance(one, TreeShape) and one == at.tuned_shape(gen, threads=1, measure=False)
+        torch.set_num_threads(1)
+        assert at.reduced_shape(gen) is None
+        torch.set_num_threads(2)
+        at.forget(gen)
+        assert list((root / "autotune").glob("costs-*.json")) == []
+    finally:
+        torch.set_num_threads(saved)
 
 
 def test_auto_shape_decodes_exactly(gen, fast_tuning):

@@ -3,6 +3,7 @@ random Llama saved with the default target's tokenizer, in float64 (exact)."""
 import json
 
 import pytest
+import torch
 from loop_helpers import random_head, tiny_target
 from transformers import AutoTokenizer
 
@@ -197,7 +198,11 @@ def test_tune_and_retune(folders, capsys, monkeypatch, tmp_path):
     monkeypatch.setattr(autotune, "CALIBRATION_SHAPE", autotune.TreeShape(8, 2, 2))
     assert main(["tune", *base(folders)]) == 0
     shape = json.loads(capsys.readouterr().out)
-    assert set(shape) == {"total_tokens", "depth", "branching"}
-    assert len(list((tmp_path / "autotune").glob("*.json"))) == 2
+    assert set(shape) == {"total_tokens", "depth", "branching", "reduced"}
+    busy = torch.get_num_threads() > 1  # then also tuned at 1 thread: its tree, its costs file
+    assert (shape["reduced"] is not None) == busy
+    if busy:
+        assert set(shape["reduced"]) == {"total_tokens", "depth", "branching"}
+    assert len(list((tmp_path / "autotune").glob("*.json"))) == 2 + busy
     assert main(["generate", "hi", "--retune", "--max-new-tokens", "4", *base(folders)]) == 0
     assert "tuning" in capsys.readouterr().err  # measured again

@@ -176,19 +176,21 @@ def test_greedy_is_exact_in_every_dtype_on_the_cpu(dtype):
         assert [r.tokens for r in out] == vanilla, shape
 
 
-def test_the_draft_dtype_defaults_to_bfloat16_where_the_cpu_multiplies_it():
-    """load() without draft_dtype: a float32 target's head runs in bfloat16 on a CPU whose
-    skinny_linear has the bfloat16 dot product, else in the target's dtype; a bfloat16 or
-    float16 target keeps its own."""
+def test_the_draft_dtype_defaults_to_bfloat16_where_the_cpu_multiplies_it(tmp_path):
+    """load() without draft_dtype: a head read from a folder runs in bfloat16 beside a float32
+    target on a CPU whose skinny_linear has the bfloat16 dot product, else in the target's
+    dtype (a bfloat16 or float16 target: its own); an in-memory head keeps its dtype."""
     import eagle2
     import eagle2_kernels
 
+    cheat_head(tiny_target(layer_scale=0.5, logit_scale=2.0)).save_pretrained(tmp_path)
     native = eagle2_kernels.skinny_linear_bf16_dot()
     for dtype, want in ((torch.float32, torch.bfloat16 if native else torch.float32),
                         (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16)):
         target = tiny_target(layer_scale=0.5, logit_scale=2.0).to(dtype)
-        gen = eagle2.load(target, draft=cheat_head(tiny_target(layer_scale=0.5, logit_scale=2.0)), shape=TreeShape(4, 2, 2))
-        assert gen.head.dtype == want, dtype
+        assert eagle2.load(target, draft=tmp_path, shape=TreeShape(4, 2, 2)).head.dtype == want, dtype
+        head = cheat_head(tiny_target(layer_scale=0.5, logit_scale=2.0))  # float64
+        assert eagle2.load(target, draft=head, shape=TreeShape(4, 2, 2)).head.dtype == torch.float64
 
 
 @pytest.mark.parametrize("head_dtype", [torch.bfloat16, torch.float16], ids=str)
@@ -206,3 +208,52 @@ def test_a_draft_head_in_its_own_dtype_changes_nothing_but_speed(head_dtype):
     out = gen.generate(prompts, max_new_tokens=30)
     assert [r.tokens for r in out] == [r.tokens for r in gen.generate(prompts, max_new_tokens=30, method="vanilla")]
     assert max(r.tau for r in out) > 1.5  # drafts were accepted: the tree path ran
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_steps_on_fewer_threads_take_the_reduced_tree(monkeypatch, threads):
+    """decode(reduced_shape=...): a step that the ThreadGovernor runs on at most half the
+    caller's threads drafts the reduced tree, the others the full one. With a one-node reduced
+    tree a step on 1 of 2 threads is a plain decoding step; either way the output is plain
+    decoding's."""
+    import eagle2.generate as G
+
+    class FixedGovernor:  # the governor as a busy (1 thread) or quiet (2) machine would set it
+        limit = 2
+
+        def __init__(self, device):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            pass
+
+        def step(self):
+            return threads
+
+    target = tiny_target(layer_scale=0.5, logit_scale=2.0).to(torch.float32)
+    head = cheat_head(tiny_target(layer_scale=0.5, logit_scale=2.0)).to(torch.float32).attach(target)
+    prompts = ragged_prompts(3, 160, seed=13)
+    plain = G.decode(target, prompts, 24)
+    monkeypatch.setattr(G, "ThreadGovernor", FixedGovernor)
+    out = G.decode(target, prompts, 24, head=head, shape=TreeShape(10, 4, 3), reduced_shape=TreeShape(1, 1, 1))
+    assert [r.tokens for r in out] == [r.tokens for r in plain]
+    forwards = [r.target_forwards for r in out]
+    assert (forwards == [r.target_forwards for r in plain]) == (threads == 1)
+
+
+def test_shape_for_threads():
+    dec = _decoder(TreeShape(9, 2, 6), TreeShape(4, 1, 8))
+    assert [dec.shape_for(n, 2) for n in (1, 2)] == [TreeShape(4, 1, 8), TreeShape(9, 2, 6)]
+    assert [dec.shape_for(n, 16) for n in (1, 8, 9, 16)] == [TreeShape(4, 1, 8)] * 2 + [TreeShape(9, 2, 6)] * 2
+    assert dec.cache_shape == (9, 12)
+    assert _decoder(TreeShape(9, 2, 6), None).shape_for(1, 2) == TreeShape(9, 2, 6)
+
+
+def _decoder(shape, reduced):
+    from eagle2.generate import Decoder, Sampling
+
+    return Decoder(model=None, head=object(), shape=shape, reduced_shape=reduced, sampling=Sampling(), eos_ids=frozenset(),
+                   max_new_tokens=8)
