@@ -162,9 +162,12 @@ def main() -> int:
     shape = TreeShape(*map(int, args.shape.split("/")))
     sizes = [int(s) for s in args.sizes.split(",")]
     gen = eagle2.load(args.target, args.draft, dtype=getattr(torch, args.dtype), draft_dtype=args.draft_dtype)
+    if gen.head is None:
+        p.error("--draft: the draft phases need a head (another target has no shipped one)")
     start = time.time()
     out = {"machine": eagle2_kernels.device_name("cpu"), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
-           "dtype": args.dtype, "draft_dtype": str(gen.head.dtype).removeprefix("torch."), "prefix": PREFIX, "shape": args.shape, "torch": torch.__version__,
+           "dtype": args.dtype, "draft_dtype": str(gen.head.dtype).removeprefix("torch."), "prefix": PREFIX,
+           "shape": args.shape, "torch": torch.__version__,
            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "loadavg_start": [round(x, 2) for x in os.getloadavg()], "command": " ".join(["python", *sys.argv])}
     parts = target_phases(gen, sizes, args.repeats)

@@ -19,7 +19,8 @@ from ._backend import IMPLEMENTATIONS, backends, device_name
 from .ops.frontier_expand import frontier_expand
 from .ops.kv_compact import kv_compact
 from .ops.rerank import rerank
-from .ops.skinny_linear import MAX_ROWS as SKINNY_LINEAR_MAX_ROWS, SkinnyLinearPlan, skinny_linear, skinny_linear_bf16_dot
+from .ops.skinny_linear import (MAX_ROWS as SKINNY_LINEAR_MAX_ROWS, SkinnyLinearPlan, skinny_linear,
+                                skinny_linear_bf16_dot)
 from .ops.tree_attention import tree_attention
 from .ops.tree_verify import tree_verify
 from .reference import FrontierExpansion, Tree, VerifyResult, pack_mask_bits

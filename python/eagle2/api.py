@@ -125,8 +125,9 @@ class Generator:
             if self.head is None:
                 raise ValueError("method 'eagle2' needs a draft head (load(..., draft=PATH)); use 'vanilla' without one")
             head, shape = self.head, self.tree_shape(temperature, total_tokens, depth, branching)
-            if (total_tokens == "auto" or (self.shape == "auto" and total_tokens is None)) and depth is branching is None:
-                from .autotune import reduced_shape  # the whole tree is tuned: so is the one for a busy machine
+            tuned = total_tokens == "auto" or (self.shape == "auto" and total_tokens is None)
+            if tuned and depth is None and branching is None:  # then so is the tree for busy steps
+                from .autotune import reduced_shape
 
                 reduced = reduced_shape(self, temperature)
             vocab = len(head.d2t) if head.d2t is not None else head.config.vocab_size
@@ -134,8 +135,8 @@ class Generator:
                 raise ValueError(f"branching: expected at most {vocab} (the draft head's vocabulary), "
                                  f"got {shape.branching}")
         try:
-            rows = decode(self.model, ids, max_new_tokens, head=head, shape=shape, reduced_shape=reduced, sampling=sampling,
-                          eos_ids=self.eos_ids, seed=seed, stream=stream, stop_at=stop_at)
+            rows = decode(self.model, ids, max_new_tokens, head=head, shape=shape, reduced_shape=reduced,
+                          sampling=sampling, eos_ids=self.eos_ids, seed=seed, stream=stream, stop_at=stop_at)
         finally:
             if streamer is not None:
                 streamer.end()

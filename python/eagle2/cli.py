@@ -44,7 +44,8 @@ def _add_model_args(p: argparse.ArgumentParser, dtypes=DTYPES) -> None:
     p.add_argument("--target", metavar="PATH", help="local HF checkpoint folder (default: embedded SmolLM2-135M-Instruct)")
     p.add_argument("--draft", metavar="PATH", help="EAGLE-1/2 draft head folder (default: the shipped head)")
     p.add_argument("--dtype", choices=dtypes, default="float32")
-    p.add_argument("--draft-dtype", choices=DTYPES, help="the draft head's dtype (default: bfloat16 for a float32 target on a CPU with AVX512-BF16, else --dtype; it never changes the output)")
+    p.add_argument("--draft-dtype", choices=DTYPES, help="the draft head's dtype (default: bfloat16 for a float32 "
+                   "target on a CPU with AVX512-BF16, else --dtype; it never changes the output)")
     p.add_argument("--device", default="cpu")
 
 
@@ -150,8 +151,8 @@ def _add_tune(sub) -> None:
                        description="Time the verify step per tree size and the draft growth per depth and branching "
                                    "on this machine, measure the head's acceptance, and cache the best tree shape "
                                    "(eagle2.autotune; about a minute on a 2-core CPU), and the best at 1 thread, for "
-                                   "the steps that other processes leave at most half the cores to. `generate` and the API use it "
-                                   "from then on wherever the shape is 'auto' (the default).")
+                                   "the steps that other processes leave at most half the cores to. `generate` and "
+                                   "the API use them from then on wherever the shape is 'auto' (the default).")
     p.add_argument("--temperature", type=float, default=0.0, metavar="T",
                    help="0: greedy (default); any T > 0 tunes the sampling regime")
     _add_model_args(p)

@@ -161,8 +161,8 @@ def decode(model, prompts: list[list[int]], max_new_tokens: int, *, head=None, s
         raise ValueError(f"max_new_tokens: expected an int >= 1, got {max_new_tokens!r}")
     if head is not None and shape is None:
         raise ValueError("shape: EAGLE-2 decoding needs a TreeShape")
-    dec = Decoder(skinny_twin(model), skinny_twin(head), shape, reduced_shape if head is not None else None, sampling,
-                  frozenset(eos_ids), max_new_tokens, stream, stop_at)
+    dec = Decoder(skinny_twin(model), skinny_twin(head), shape, reduced_shape, sampling, frozenset(eos_ids),
+                  max_new_tokens, stream, stop_at)
     with ThreadGovernor(model.device) as threads:
         threads.step()
         batch = prefill(dec, prompts, seed)

@@ -255,5 +255,5 @@ def test_shape_for_threads():
 def _decoder(shape, reduced):
     from eagle2.generate import Decoder, Sampling
 
-    return Decoder(model=None, head=object(), shape=shape, reduced_shape=reduced, sampling=Sampling(), eos_ids=frozenset(),
-                   max_new_tokens=8)
+    return Decoder(model=None, head=object(), shape=shape, reduced_shape=reduced, sampling=Sampling(),
+                   eos_ids=frozenset(), max_new_tokens=8)
