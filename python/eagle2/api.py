@@ -124,12 +124,7 @@ class Generator:
         if method == "eagle2":
             if self.head is None:
                 raise ValueError("method 'eagle2' needs a draft head (load(..., draft=PATH)); use 'vanilla' without one")
-            head, shape = self.head, self.tree_shape(temperature, total_tokens, depth, branching)
-            tuned = total_tokens == "auto" or (self.shape == "auto" and total_tokens is None)
-            if tuned and depth is None and branching is None:  # then so is the tree for busy steps
-                from .autotune import reduced_shape
-
-                reduced = reduced_shape(self, temperature)
+            head, (shape, reduced) = self.head, self._shapes(temperature, total_tokens, depth, branching)
             vocab = len(head.d2t) if head.d2t is not None else head.config.vocab_size
             if shape.branching > vocab:
                 raise ValueError(f"branching: expected at most {vocab} (the draft head's vocabulary), "
@@ -190,16 +185,22 @@ class Generator:
         (eagle2.autotune) once it has been measured (`eagle2 tune`), else DEFAULT_SHAPE;
         total_tokens="auto" measures now if needed (about a minute on a CPU, then cached).
         Given fields are always used as given, without tuning."""
+        return self._shapes(temperature, total_tokens, depth, branching)[0]
+
+    def _shapes(self, temperature: float, total_tokens, depth, branching) -> tuple[TreeShape, TreeShape | None]:
+        """tree_shape's tree, and, when the whole tree is the tuned one, the tree for the steps
+        that other processes leave at most half the cores to (autotune.reduced_shape; else None)."""
         given = {"total_tokens": total_tokens, "depth": depth, "branching": branching}
         TreeShape(**{k: 1 if v in (None, "auto") else v for k, v in given.items()})  # bad values fail before tuning
-        base = self.shape
+        base, reduced = self.shape, None
         if total_tokens == "auto" or (base == "auto" and None in given.values()):
             from .autotune import reduced_shape, tuned_shape
 
-            base = tuned_shape(self, temperature, measure=total_tokens == "auto") or self._untuned_shape()
-            if total_tokens == "auto":
-                reduced_shape(self, temperature, measure=True)  # measured beside it, used by generate
-        return TreeShape(**{k: getattr(base, k) if v in (None, "auto") else v for k, v in given.items()})
+            measure = total_tokens == "auto"
+            base = tuned_shape(self, temperature, measure=measure) or self._untuned_shape()
+            if total_tokens in (None, "auto") and depth is None and branching is None:
+                reduced = reduced_shape(self, temperature, measure=measure)
+        return TreeShape(**{k: getattr(base, k) if v in (None, "auto") else v for k, v in given.items()}), reduced
 
     def _untuned_shape(self) -> TreeShape:
         if not self._told_untuned:

@@ -452,7 +452,7 @@ def _store(key: dict, value) -> None:
     os.replace(tmp, path)
 
 
-def _measured(gen, temperature: float, measure: bool, threads: int | None = None):
+def _measured(gen, temperature: float, measure: bool, threads: int):
     """(costs at `threads`, acceptance, measured now?) from the cache, measuring what is
     missing when `measure`; None when something is missing and measure is False."""
     keys = cache_keys(gen, temperature, threads)
@@ -462,7 +462,7 @@ def _measured(gen, temperature: float, measure: bool, threads: int | None = None
     fresh = costs is None or acc is None
     if costs is None:
         saved = torch.get_num_threads()
-        torch.set_num_threads(threads or saved)
+        torch.set_num_threads(threads)
         try:
             costs = measure_costs(gen, progress=True)
         finally:

@@ -114,8 +114,10 @@ class Decoder:
     def cache_shape(self) -> tuple[int, int]:
         """(tree tokens, drafted entries) the caches must hold beyond the committed tokens: the
         most that any step's tree needs ((1, 0) for plain decoding)."""
-        shapes = [s for s in (self.shape, self.reduced_shape) if s is not None and self.head is not None]
-        return max((s.total_tokens for s in shapes), default=1), max((s.branching * s.depth for s in shapes), default=0)
+        if self.head is None:
+            return 1, 0
+        shapes = [s for s in (self.shape, self.reduced_shape) if s is not None]
+        return max(s.total_tokens for s in shapes), max(s.branching * s.depth for s in shapes)
 
 
 @dataclass

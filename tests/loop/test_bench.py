@@ -42,7 +42,7 @@ class FakeGen:
     """Records the order of generate calls; vanilla is twice as slow as eagle2 (in forwards)."""
 
     shape, head, eos_ids = TreeShape(6, 3, 2), object(), frozenset()
-    tree_shape = Generator.tree_shape
+    tree_shape, _shapes = Generator.tree_shape, Generator._shapes
 
     def __init__(self):
         self.calls = []
