@@ -10,8 +10,9 @@ phases interleaved round-robin so machine drift hits all alike):
                comparison, with the BLAS (`target_blas_ms`)
   draft        catch-up (the draft over the 3 tokens a step typically commits), each depth of
                the tree growth of --shape (draft forward + its lm_head + frontier_expand), rerank
-  loop         a real EAGLE-2 generation with --shape: wall time per step, and what the phases
-               above do not explain (Python, commit, cache bookkeeping)
+  loop         a real EAGLE-2 generation with --shape from a prompt of about PREFIX tokens: wall
+               time per step (the prefill excluded: a 1-token generation's time subtracted), and
+               what the phases above do not explain (Python, commit, cache bookkeeping)
   hf           transformers' own greedy `generate` per generated token on the same model: the
                baseline the decode loop must beat
   flops        the linear layers' work per token (decoder layers, lm_head; every nn.Linear,
@@ -46,6 +47,13 @@ from eagle2.tree import TreeShape, expand, rerank
 SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 PREFIX = 256
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
+# The loop's prompt: PROMPT after a passage that brings it to about PREFIX tokens, so that its
+# steps attend over as many keys as the phases timed alone.
+PASSAGE = ("The lighthouse stood on a rock a mile from the coast, and for forty years its lamp had turned every "
+           "night from dusk to dawn. Ships passing the headland watched for its beam, counted the seconds between "
+           "the flashes and knew where they were. The keeper lived in the small house at its foot, climbed the "
+           "hundred and twelve steps twice a night to trim the wick and wind the clockwork, and wrote the weather, "
+           "the ships and the hours of the lamp in a log that the harbour master read once a month. ")
 
 
 def medians(fns: dict, repeats: int) -> dict:
@@ -121,14 +129,22 @@ def linear_mflop(model) -> dict:
 
 
 def loop_step(gen, shape: TreeShape, new_tokens: int) -> dict:
-    """A real generation: ms per step and tau."""
-    gen.generate(PROMPT, max_new_tokens=8, total_tokens=shape.total_tokens, depth=shape.depth,
-                 branching=shape.branching)  # warm-up
-    [r] = gen.generate(PROMPT, max_new_tokens=new_tokens, total_tokens=shape.total_tokens, depth=shape.depth,
-                       branching=shape.branching)
+    """A real generation: ms per step without the prefill, and tau. The prompt is PASSAGE,
+    repeated up to about PREFIX tokens, then PROMPT; the generation's time minus a 1-token
+    generation's (the prefill and the first token: no step), interleaved, the second of each
+    kept."""
+    unit = len(gen.encode(PASSAGE))
+    prompt = PASSAGE * max(1, round((PREFIX - len(gen.encode(PROMPT))) / unit)) + PROMPT
+    kw = dict(total_tokens=shape.total_tokens, depth=shape.depth, branching=shape.branching)
+    gen.generate(prompt, max_new_tokens=8, **kw)  # warm-up
+    runs = {}
+    for n in (1, new_tokens, 1, new_tokens):
+        [runs[n]] = gen.generate(prompt, max_new_tokens=n, **kw)
+    r = runs[new_tokens]
     steps = r.target_forwards - 1
-    return {"ms_per_step": round(1e3 * r.seconds / max(steps, 1), 3), "tau": round(r.tau, 3), "steps": steps,
-            "tokens": r.new_tokens}
+    return {"ms_per_step": round(1e3 * (r.seconds - runs[1].seconds) / max(steps, 1), 3), "tau": round(r.tau, 3),
+            "steps": steps, "tokens": r.new_tokens, "prompt_tokens": len(gen.encode(prompt)),
+            "prefill_ms": round(1e3 * runs[1].seconds, 3)}
 
 
 def hf_token_ms(gen, new_tokens: int) -> float:
@@ -157,6 +173,8 @@ def main() -> int:
     p.add_argument("--no-blas", action="store_true", help="skip the BLAS comparison curve")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args()
+    if args.new_tokens < 2:
+        p.error(f"--new-tokens: expected an int >= 2 (the loop subtracts a 1-token generation), got {args.new_tokens}")
     if args.threads:
         torch.set_num_threads(args.threads)
     shape = TreeShape(*map(int, args.shape.split("/")))
