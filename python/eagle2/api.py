@@ -25,10 +25,10 @@ DEFAULT_HEAD = Path(__file__).parent / "heads" / "smollm2-135m-instruct"
 EAGLE3_HEAD = Path(__file__).parent / "heads" / "smollm2-135m-instruct-eagle3"
 # The shape used until `eagle2 tune` has measured this machine: a small, shallow tree. On a CPU
 # a target forward over 60 tree tokens costs several single-token forwards, so the paper's
-# 60/6/10 loses there. From the shipped head's tuning tables on the 2-core dev CPU
-# (SmolLM2-135M, 2026-12-07, sampling acceptance, the lower one): 5/1/4 predicted 1.28x plain
-# decoding at 2 threads and 0.99x at 1 thread, where the best shapes give 1.36x and 1.01x; the
-# old default 6/3/2: 1.14x and 0.86x.
+# 60/6/10 loses there. Measured on the 2-core dev CPU with head v4 (SmolLM2-135M, dev set,
+# 2026-12-07, README "Measured numbers"): 5/1/4 is 1.28x / 1.27x plain decoding greedy at 2 / 1
+# threads and 1.20x / 1.15x at temperature 1; the deeper 6/2/4 gains 2% greedy at 2 threads
+# and loses 4-10% sampled.
 DEFAULT_SHAPE = TreeShape(total_tokens=5, depth=1, branching=4)
 METHODS = ("eagle2", "vanilla", "hf")
 
