@@ -13,6 +13,7 @@ the work only when it runs, so `eagle2 --help` does not load torch or transforme
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 
@@ -171,8 +172,7 @@ def _run_tune(args) -> int:
     forget(gen, args.temperature)
     s = gen.tree_shape(args.temperature, total_tokens="auto")
     r = reduced_shape(gen, args.temperature)
-    as_dict = lambda t: {"total_tokens": t.total_tokens, "depth": t.depth, "branching": t.branching}  # noqa: E731
-    print(json.dumps({**as_dict(s), "reduced": r and as_dict(r)}))
+    print(json.dumps({**dataclasses.asdict(s), "reduced": r and dataclasses.asdict(r)}))
     return 0
 
 
