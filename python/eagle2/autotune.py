@@ -452,10 +452,10 @@ def _store(key: dict, value) -> None:
     os.replace(tmp, path)
 
 
-def _measured(gen, temperature: float, measure: bool, threads: int):
-    """(costs at `threads`, acceptance, measured now?) from the cache, measuring what is
-    missing when `measure`; None when something is missing and measure is False."""
-    keys = cache_keys(gen, temperature, threads)
+def _measured(gen, keys: dict, temperature: float, measure: bool, threads: int):
+    """(costs at `threads`, acceptance, measured now?) from the cache entries `keys`
+    (cache_keys), measuring what is missing when `measure`; None when something is missing and
+    measure is False."""
     costs, acc = _load(keys["costs"], Costs), _load(keys["acceptance"], Acceptance)
     if (costs is None or acc is None) and not measure:
         return None
@@ -494,22 +494,33 @@ def tuned_shape(gen, temperature: float = 0.0, measure: bool = True, threads: in
     """The tree shape maximising expected committed tokens per second for this Generator, from
     costs measured on this machine at `threads` CPU threads (default torch's count) and the
     head's acceptance (cached per machine, model, head, threads and regime). measure=False:
-    only what is cached (None if nothing is)."""
+    only what is cached (None if nothing is).
+
+    Memoised per Generator: a found shape for good, a miss as the paths of the cache files that
+    were missing, so that the next calls of an untuned Generator (every `generate` of
+    `shape="auto"`) look for those files (another process's `eagle2 tune` writes them) instead
+    of hashing the head's weights again (cache_keys: several ms)."""
     memo = _MEMO.setdefault(gen, {})
     n = threads or torch.get_num_threads()
     key = (regime(temperature), n)
-    if key not in memo:
-        if gen.head is None:
-            raise ValueError("tree shape 'auto' needs a draft head")
-        got = _measured(gen, temperature, measure, n)
-        if got is None:
-            return None
-        costs, acc, fresh = got
-        shape, rows = choose(costs, acc)
-        if fresh:  # said when measured, not on every later run that reads the cache
-            print(f"[eagle2] {n} thread{'s' * (n > 1)}: {explain(shape, rows, costs)}", file=sys.stderr, flush=True)
-        memo[key] = shape
-    return memo[key]
+    memoised = memo.get(key)
+    if isinstance(memoised, TreeShape):
+        return memoised
+    if memoised is not None and not measure and not all(path.is_file() for path in memoised):
+        return None
+    if gen.head is None:
+        raise ValueError("tree shape 'auto' needs a draft head")
+    keys = cache_keys(gen, temperature, n)
+    measured = _measured(gen, keys, temperature, measure, n)
+    if measured is None:
+        memo[key] = tuple(cache_path(k) for k in keys.values())
+        return None
+    costs, acc, fresh = measured
+    shape, rows = choose(costs, acc)
+    if fresh:  # said when measured, not on every later run that reads the cache
+        print(f"[eagle2] {n} thread{'s' * (n > 1)}: {explain(shape, rows, costs)}", file=sys.stderr, flush=True)
+    memo[key] = shape
+    return shape
 
 
 def reduced_shape(gen, temperature: float = 0.0, measure: bool = False) -> TreeShape | None:

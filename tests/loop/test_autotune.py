@@ -174,6 +174,24 @@ def test_cache_round_trip_and_forget(gen, fast_tuning):
     assert list((root / "autotune").glob("*.json")) == []
 
 
+def test_an_untuned_generator_looks_for_the_cache_files_without_rehashing(gen, fast_tuning, monkeypatch):
+    """Every generate() of an untuned shape="auto" Generator asks tuned_shape(measure=False):
+    after the first miss it only checks for the cache files, and finds a tune that another
+    Generator (another process) wrote meanwhile."""
+    calls, _ = fast_tuning
+    at.forget(gen)
+    untuned = Generator(gen.model, head=gen.head, shape=gen.shape)
+    hashed = []
+    monkeypatch.setattr(at, "cache_keys", lambda *a, _keys=at.cache_keys, **k: hashed.append(1) or _keys(*a, **k))
+    assert at.tuned_shape(untuned, measure=False) is None and len(hashed) == 1
+    assert at.tuned_shape(untuned, measure=False) is None and len(hashed) == 1  # memoised miss
+    tuned = at.tuned_shape(Generator(gen.model, head=gen.head, shape=gen.shape))  # writes the cache files
+    assert calls == {"costs": 1, "acceptance": 1}
+    assert at.tuned_shape(untuned, measure=False) == tuned and calls["costs"] == 1  # found, not measured
+    assert at.tuned_shape(untuned, measure=False) == tuned and len(hashed) == 3
+    at.forget(untuned)
+
+
 def test_forgetting_one_regime_keeps_the_others_acceptance(gen, fast_tuning):
     """`eagle2 tune --temperature 1` re-measures the costs and the sampling acceptance; the greedy
     acceptance, measured whenever greedy was tuned, stays."""
