@@ -61,6 +61,13 @@ class _LayerView(CacheLayerMixin):
         return self.cache.max_len
 
 
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """A 16-bit float tensor as int16 (the same memory): the CPU's scatter_ copies bfloat16 and
+    float16 about 5x slower than integers (a write of 1-9 tokens: 28-34 against 5-6 us, of which
+    a bfloat16 target's forward makes 2 per layer); other dtypes as they are."""
+    return t.view(torch.int16) if t.dtype in (torch.bfloat16, torch.float16) else t
+
+
 class KVCache(Cache):
     """Preallocated KV cache: data [2 * num_layers, B, kv_heads, max_len, head_dim].
 
@@ -100,8 +107,8 @@ class KVCache(Cache):
             slots = self.lengths.long()[:, None] + torch.arange(q, device=self.data.device)  # [B, q]
             self._slots = slots[:, None, :, None].expand(B, H, q, d)
         keys, values = self.data[2 * layer_idx], self.data[2 * layer_idx + 1]
-        keys.scatter_(2, self._slots, key_states.to(keys.dtype))
-        values.scatter_(2, self._slots, value_states.to(values.dtype))
+        _bits(keys).scatter_(2, self._slots, _bits(key_states.to(keys.dtype)))
+        _bits(values).scatter_(2, self._slots, _bits(value_states.to(values.dtype)))
         return keys, values
 
     def extend(self, counts: torch.Tensor) -> None:

@@ -118,3 +118,19 @@ def test_kv_compact_is_the_kernel_op(model):
     eagle2_kernels.kv_compact(want, cache.lengths.clone(), acc, alen, backend="reference")
     cache.compact(acc, alen)
     assert torch.equal(cache.data, want) and cache.lengths.tolist() == [5, 5]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_update_writes_each_rows_states_at_its_length(dtype):
+    """update() writes row b's q new keys / values at slots lengths[b] .. lengths[b] + q - 1 of
+    every head, bit for bit (16-bit floats are scattered as integers), and leaves the rest."""
+    cache = KVCache(2, 2, 3, 10, 4, dtype)
+    cache.data.copy_(torch.randn_like(cache.data, dtype=torch.float32))
+    cache.lengths.copy_(torch.tensor([2, 5], dtype=torch.int32))
+    want = cache.data.clone()
+    k, v = (torch.randn(2, 3, 4, 4).to(dtype).transpose(2, 3) for _ in range(2))  # non-contiguous, as a layer passes them
+    keys, values = cache.update(k, v, 1)
+    for b, n in enumerate([2, 5]):
+        want[2, b, :, n:n + 4], want[3, b, :, n:n + 4] = k[b], v[b]
+    assert torch.equal(cache.data.view(torch.uint8), want.view(torch.uint8))
+    assert keys.data_ptr() == cache.data[2].data_ptr() and values.data_ptr() == cache.data[3].data_ptr()
