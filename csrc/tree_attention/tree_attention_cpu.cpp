@@ -172,8 +172,9 @@ struct Scratch {
   std::vector<float> kt, v;          // K tile transposed [dim][kTileKeys], V tile [kTileKeys][dim]
   std::vector<float> rkt, rv, rs;    // the same for the tree region: [dim][region], [region][dim], [rows][region]
   std::vector<int64_t> keys;         // one branch row's visible region keys, in order
-  std::vector<char> branch;          // [rows]: the row's tree keys are not a chain from the region's start
+  std::vector<int64_t> order;        // [rows]: the block row held at each scratch row (chain rows first)
   std::vector<int64_t> qpos;         // [rows]: the row's query position (sliding window only)
+  std::vector<float> held;           // [kRowPad][dim]: outputs of branch rows that pad a chain-row tile
   explicit Scratch(const Problem& p)
       : rows(round_up(p.Hq / p.Hkv * p.n, kRowPad)),
         dim(round_up(p.d, kDimPad)),
@@ -189,8 +190,9 @@ struct Scratch {
         rv(region * dim),
         rs(rows * region),
         keys(region),
-        branch(rows),
-        qpos(rows) {}
+        order(rows),
+        qpos(rows),
+        held(kRowPad * dim) {}
 };
 
 #if defined(__x86_64__)
@@ -258,13 +260,14 @@ E2K_INLINE bool chain_mask(const int32_t* words, int64_t n) {
 // softmax runs over tiles of kTileKeys consecutive visible keys, counted from key 0. For the
 // prefix and for chain rows that is what the shared tiles do. A branch row of a tree sees tree
 // keys with gaps: its tiles from the one holding the prefix end on are redone from its own
-// list of visible keys (the shared tiles mask them for it), with the same score, softmax and
-// weighted-sum arithmetic. This is what makes a verify forward's rows bitwise equal to plain
-// decoding's in every dtype (with eagle2_kernels.skinny_linear for the linear layers). A sliding
+// list of visible keys, with the same score, softmax and weighted-sum arithmetic (the scratch
+// rows hold the chain rows first, so those shared tiles are computed for the chain rows only).
+// This is what makes a verify forward's rows bitwise equal to plain decoding's in every dtype
+// (with eagle2_kernels.skinny_linear for the linear layers). A sliding
 // window keeps this: keys outside a row's window stay in its tiles with score -inf, as they do in
 // the one-token step, and tiles before every row's window change no row's state, so are skipped.
 // A task may take a block of the group's rows, [first, first + R): every row is computed on its
-// own, so how the rows are split changes no result.
+// own, so how the rows are split or ordered changes no result.
 template <int DT, int64_t kRows, int64_t kLanes, int64_t kCols>
 E2K_INLINE void attend_group(const Problem& P, int64_t b, int64_t kvh, int64_t first, int64_t R, Scratch& w) {
   const int64_t group = P.Hq / P.Hkv, d = P.d, rows = round_up(R, kRowPad), dim = w.dim;
@@ -276,21 +279,29 @@ E2K_INLINE void attend_group(const Problem& P, int64_t b, int64_t kvh, int64_t f
   float *q = w.q.data(), *o = w.o.data(), *s = w.s.data(), *m = w.m.data(), *l = w.l.data();
   float *kt = w.kt.data(), *v = w.v.data();
 
+  // Scratch row r holds block row order[r]: the chain rows, then the branch rows (r >= chains),
+  // each in block order.
+  const auto block_words = [&](int64_t i) { return P.bits + (b * P.n + (first + i) % P.n) * P.W; };
+  const auto is_chain = [&](int64_t i) { return chain_mask(block_words(i), keys.key_end - keys.prefix_end); };
+  int64_t chains = 0;
+  for (int64_t i = 0; i < R; ++i)
+    if (is_chain(i)) w.order[chains++] = i;
+  for (int64_t i = 0, r = chains; i < R; ++i)
+    if (!is_chain(i)) w.order[r++] = i;
+  const bool any_branch = chains < R;
+  const auto words_of = [&](int64_t r) { return block_words(w.order[r]); };
   for (int64_t r = 0; r < R; ++r)
-    for (int64_t c = 0; c < d; ++c) q[r * dim + c] = load_float(P.q, DT, row0 + r * d + c);
+    for (int64_t c = 0; c < d; ++c) q[r * dim + c] = load_float(P.q, DT, row0 + w.order[r] * d + c);
   std::fill(q + R * dim, q + rows * dim, 0.0f);  // padding rows (an earlier, larger block's are stale)
   std::fill(o, o + rows * dim, 0.0f);
   std::fill(m, m + rows, kNegInf);
   std::fill(l, l + rows, 0.0f);
-  bool any_branch = false;
   // The first key inside some row's window; never past the prefix end, since a tree key's
   // position is its query's, not its index.
   int64_t first_key = keys.prefix_end;
   const int32_t* positions = P.window > 0 ? P.positions + b * P.n : nullptr;
   for (int64_t r = 0; r < R; ++r) {
-    w.branch[r] = !chain_mask(P.bits + (b * P.n + (first + r) % P.n) * P.W, keys.key_end - keys.prefix_end);
-    any_branch |= w.branch[r];
-    w.qpos[r] = positions ? positions[(first + r) % P.n] : 0;
+    w.qpos[r] = positions ? positions[(first + w.order[r]) % P.n] : 0;
     first_key = std::min(first_key, positions ? w.qpos[r] - P.window + 1 : 0);
   }
   const auto visible_in_window = [&](int64_t r, int64_t key) {
@@ -300,48 +311,55 @@ E2K_INLINE void attend_group(const Problem& P, int64_t b, int64_t kvh, int64_t f
   for (int64_t k0 = std::max<int64_t>(first_key, 0) / kTileKeys * kTileKeys; k0 < keys.key_end; k0 += kTileKeys) {
     const int64_t kb = std::min(kTileKeys, keys.key_end - k0);
     const int64_t prefix_keys = std::clamp<int64_t>(keys.prefix_end - k0, 0, kb);  // seen by all rows
+    // From the tile holding the prefix end on, the branch rows are redone below: only the chain
+    // rows take these tiles, and the branch rows that pad their last block of kRowPad keep their
+    // outputs (held) from the zero weights of the scores they are given.
+    const int64_t live = any_branch && k0 >= tree0 ? chains : R, padded = round_up(live, kRowPad);
+    if (live == 0) break;
+    const int64_t held = std::min(padded, R) - live;
     if (kb < kTileKeys) {  // last tile: the keys past the end add 0 to scores and outputs
       std::fill(kt, kt + dim * kTileKeys, 0.0f);
       std::fill(v, v + kTileKeys * dim, 0.0f);
     }
     load_keys<DT, kLanes>(P, kv0 + k0 * d, kb, kt, kTileKeys, v, dim);
 
-    std::fill(s, s + rows * kTileKeys, 0.0f);
-    tile_product<kRows, kLanes, kCols>(q, dim, kt, kTileKeys, s, kTileKeys, rows, kTileKeys, dim);
+    std::fill(s, s + padded * kTileKeys, 0.0f);
+    tile_product<kRows, kLanes, kCols>(q, dim, kt, kTileKeys, s, kTileKeys, padded, kTileKeys, dim);
 
-    for (int64_t r = 0; r < R; ++r) {
+    for (int64_t r = 0; r < live; ++r) {
       float* sr = s + r * kTileKeys;
-      if (w.branch[r] && k0 >= tree0) {  // redone below from the row's own key sequence
-        std::fill(sr, sr + kTileKeys, kNegInf);
-      } else {
-        const int32_t* words = P.bits + (b * P.n + (first + r) % P.n) * P.W;
-        for (int64_t j = 0; j < prefix_keys; ++j) sr[j] *= P.scale;
-        for (int64_t j = prefix_keys; j < kb; ++j) sr[j] = tree_bit(words, k0 + j - p) ? sr[j] * P.scale : kNegInf;
-        if (positions)
-          for (int64_t j = 0; j < kb; ++j)
-            if (!visible_in_window(r, k0 + j)) sr[j] = kNegInf;
-        std::fill(sr + kb, sr + kTileKeys, kNegInf);
-      }
+      const int32_t* words = words_of(r);
+      for (int64_t j = 0; j < prefix_keys; ++j) sr[j] *= P.scale;
+      for (int64_t j = prefix_keys; j < kb; ++j) sr[j] = tree_bit(words, k0 + j - p) ? sr[j] * P.scale : kNegInf;
+      if (positions)
+        for (int64_t j = 0; j < kb; ++j)
+          if (!visible_in_window(r, k0 + j)) sr[j] = kNegInf;
+      std::fill(sr + kb, sr + kTileKeys, kNegInf);
       const float corr = softmax_tile_row<kLanes>(sr, m[r], l[r]);
       if (corr != 1.0f)
         for (int64_t c = 0; c < dim; ++c) o[r * dim + c] *= corr;
     }
+    std::fill(s + live * kTileKeys, s + padded * kTileKeys, 0.0f);  // rows past live: zero weights
+    std::copy(o + live * dim, o + (live + held) * dim, w.held.data());
     // Padding rows (r >= R) have zero q, so zero scores and weights: they add nothing.
-    tile_product<kRows, kLanes, kCols>(s, kTileKeys, v, dim, o, dim, rows, dim, kTileKeys);
+    tile_product<kRows, kLanes, kCols>(s, kTileKeys, v, dim, o, dim, padded, dim, kTileKeys);
+    std::copy(w.held.data(), w.held.data() + held * dim, o + live * dim);
   }
 
   if (any_branch && tree0 < keys.key_end) {
-    // The region's keys [tree0, key_end) once for the group, and every row's scores for them.
-    const int64_t nk = keys.key_end - tree0, region = w.region;
+    // The region's keys [tree0, key_end) once for the group, and the branch rows' scores for them
+    // (from the row block holding the first branch row; the columns up to the region's end).
+    const int64_t nk = keys.key_end - tree0, region = w.region, cols = round_up(nk, kDimPad);
+    const int64_t from = chains / kRowPad * kRowPad;
     float *rkt = w.rkt.data(), *rv = w.rv.data(), *rs = w.rs.data();
     std::fill(rkt, rkt + dim * region, 0.0f);
     load_keys<DT, kLanes>(P, kv0 + tree0 * d, nk, rkt, region, rv, dim);
-    std::fill(rs, rs + rows * region, 0.0f);
-    tile_product<kRows, kLanes, kCols>(q, dim, rkt, region, rs, region, rows, region, dim);
+    std::fill(rs + from * region, rs + rows * region, 0.0f);
+    tile_product<kRows, kLanes, kCols>(q + from * dim, dim, rkt, region, rs + from * region, region, rows - from, cols,
+                                       dim);
     alignas(64) float st[kTileKeys];
-    for (int64_t r = 0; r < R; ++r) {
-      if (!w.branch[r]) continue;
-      const int32_t* words = P.bits + (b * P.n + (first + r) % P.n) * P.W;
+    for (int64_t r = chains; r < R; ++r) {
+      const int32_t* words = words_of(r);
       int64_t cnt = 0;  // the row's visible keys of the region, in order: the prefix tail, then its tree keys
       for (int64_t j = 0; j < nk; ++j)
         if (tree0 + j < keys.prefix_end || tree_bit(words, tree0 + j - p)) w.keys[cnt++] = j;
@@ -367,7 +385,7 @@ E2K_INLINE void attend_group(const Problem& P, int64_t b, int64_t kvh, int64_t f
 
   for (int64_t r = 0; r < R; ++r) {
     const float inv = l[r] != 0.0f ? 1.0f / l[r] : 0.0f;  // a row that saw no key outputs zeros; NaN stays NaN
-    for (int64_t c = 0; c < d; ++c) store_float(P.out, DT, row0 + r * d + c, o[r * dim + c] * inv);
+    for (int64_t c = 0; c < d; ++c) store_float(P.out, DT, row0 + w.order[r] * d + c, o[r * dim + c] * inv);
   }
 }
 
