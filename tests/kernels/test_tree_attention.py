@@ -240,17 +240,12 @@ def test_bad_inputs_cpu():
         ek.tree_attention(q, k, v, bits, prefix_len, positions=positions.long(), sliding_window=4, backend="cpu")
 
 
-@pytest.mark.parametrize("window", [None, 7, 70])
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("prefix", [5, 60, 63, 64, 130])
-def test_cpu_rows_equal_one_token_steps_bitwise(dtype, prefix, window):
-    """Each row of a tree verify computes bitwise what a one-token decode step of that node
-    computes once its ancestors are committed (the same visible keys, laid out contiguously):
-    the property that makes greedy EAGLE-2 equal plain decoding in any dtype. Trees with
-    branches, prefixes on both sides of the 64-key tiles, with and without a sliding window."""
-    g = torch.Generator().manual_seed(prefix)
-    Hq, Hkv, d, m = 4, 2, 32, 24
-    parents = [-1] + [int(torch.randint(0, i, (1,), generator=g)) for i in range(1, m)]
+def assert_rows_equal_one_token_steps(parents: list[int], prefix: int, window, dtype, g: torch.Generator,
+                                      Hq: int = 4, Hkv: int = 2, d: int = 32) -> None:
+    """Each row of a verify over the tree `parents` (parents[j] < j, -1 for the root) equals,
+    bitwise, the one-token decode step of that node once its ancestors are committed (the same
+    visible keys, laid out contiguously), with positions for the sliding window."""
+    m = len(parents)
     ancestors = []
     for i in range(m):
         chain = [i]
@@ -276,6 +271,38 @@ def test_cpu_rows_equal_one_token_steps_bitwise(dtype, prefix, window):
                                 backend="cpu", positions=torch.tensor([[n - 1]], dtype=torch.int32),
                                 sliding_window=window)
         assert torch.equal(one[:, :, 0], tree[:, :, i]), (i, chain)
+
+
+@pytest.mark.parametrize("window", [None, 7, 70])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("prefix", [5, 60, 63, 64, 130])
+def test_cpu_rows_equal_one_token_steps_bitwise(dtype, prefix, window):
+    """Each row of a tree verify computes bitwise what a one-token decode step of that node
+    computes once its ancestors are committed: the property that makes greedy EAGLE-2 equal
+    plain decoding in any dtype. Random trees with branches, prefixes on both sides of the 64-key
+    tiles, with and without a sliding window."""
+    g = torch.Generator().manual_seed(prefix)
+    m = 24
+    parents = [-1] + [int(torch.randint(0, i, (1,), generator=g)) for i in range(1, m)]
+    assert_rows_equal_one_token_steps(parents, prefix, window, dtype, g)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("window", [None, 7])
+@pytest.mark.parametrize("prefix", [130, 2000])
+def test_cpu_chain_rows_then_branch_rows_bitwise(prefix, window, threads):
+    """The kernel takes the tiles from the prefix end on for the chain rows alone (rows whose
+    visible tree keys are the first c) and redoes the branch rows from their own keys: a 7-node
+    chain with 2 branches off it (one block of 6 chain rows, then a block of 6 holding the 7th
+    chain row and both branch rows), and at prefix 2000 on 2 threads the same rows split over two
+    tasks. Every row is still bitwise its one-token step."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        assert_rows_equal_one_token_steps([-1, 0, 1, 2, 3, 4, 5, 3, 5], prefix, window, torch.float32,
+                                          torch.Generator().manual_seed(prefix), Hq=1, Hkv=1)
+    finally:
+        torch.set_num_threads(saved)
 
 
 @pytest.mark.parametrize("B, Hkv", [(1, 3), (1, 1), (4, 2)])
